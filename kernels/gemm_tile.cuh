@@ -1,0 +1,288 @@
+// The tensor-core GEMM main loop, shared by every kernel that multiplies bf16 matrices:
+// C[M,N] += A[M,K] · B[N,K]ᵀ with f32 accumulation in registers. Each operand is stored either
+// K-contiguous ("row-major": A as [M,K], B as [N,K]) or K-major (A as [K,M], B as [K,N]), so
+// backward products such as dyᵀ·S or dy·W0 need no transposed copies.
+//
+// Tiling: a block of 256 threads (8 warps as 2 along M × 4 along N) owns a 128×128 tile of C;
+// each warp owns 64×32 = 4×4 mma.m16n8k16 fragments (64 f32 accumulators per thread).
+// K advances in steps of 64: every thread loads 4 16-byte chunks of A and 4 of B into registers
+// (the next tile's loads are in flight while the current tile is multiplied), stores them to
+// shared memory, and the warps read fragments with ldmatrix (.trans for K-major tiles).
+//
+// Shared-memory tiles are padded by 8 bf16 per row (a 128×64 tile has 144-byte rows, a 64×128
+// tile 272-byte rows): the 8 row addresses of an ldmatrix phase then fall in 8 distinct 16-byte
+// bank groups, and 8 threads storing 16 bytes each fill one contiguous 128-byte row segment, so
+// neither ldmatrix nor the stores have bank conflicts.
+//
+// Cost per block and K-step: global 2·128·64·2 B = 32 KiB read, 2·128·128·64 = 2.1 MFLOP, i.e.
+// 64 FLOP per byte from L2; 36 KiB static shared memory.
+#pragma once
+#include "simt.h"
+#include "params.h"
+
+namespace lf {
+
+constexpr int GEMM_BM = 128;
+constexpr int GEMM_BN = 128;
+constexpr int GEMM_BK = 64;
+constexpr int GEMM_THREADS = 256;
+constexpr int GEMM_WARP_M = 64;
+constexpr int GEMM_WARP_N = 32;
+constexpr int GEMM_MFRAGS = GEMM_WARP_M / 16;  // 4
+constexpr int GEMM_NFRAGS = GEMM_WARP_N / 8;   // 4
+constexpr int GEMM_CHUNKS = GEMM_BM * GEMM_BK / 8 / GEMM_THREADS;  // 16-byte chunks per thread: 4
+
+// Shape of an operand tile as stored: 128 rows × 64 k, or (K-major) 64 k × 128 rows.
+template <bool KMAJOR>
+struct TileDims {
+    static constexpr int ROWS = KMAJOR ? GEMM_BK : GEMM_BM;
+    static constexpr int COLS = KMAJOR ? GEMM_BM : GEMM_BK;
+    static constexpr int LDS = COLS + 8;  // padded (bank-conflict-free, see above)
+};
+
+constexpr int GEMM_TILE_ELEMS =
+    TileDims<false>::ROWS * TileDims<false>::LDS > TileDims<true>::ROWS * TileDims<true>::LDS
+        ? TileDims<false>::ROWS * TileDims<false>::LDS
+        : TileDims<true>::ROWS * TileDims<true>::LDS;
+
+struct GemmSmem {
+    lf_bf16 a[GEMM_TILE_ELEMS];
+    lf_bf16 b[GEMM_TILE_ELEMS];
+};
+
+struct GemmAcc {
+    float v[GEMM_MFRAGS][GEMM_NFRAGS][4];
+};
+
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+    return reinterpret_cast<unsigned long long>(p) % bytes == 0;
+}
+
+// A row-major bf16 matrix as stored: `rows` × `cols` used, rows `ld` elements apart.
+struct MatrixRef {
+    const lf_bf16* ptr;
+    int rows;
+    int cols;
+    int ld;
+    // 16-byte loads need every row start 16-byte aligned; otherwise fall back to 2-byte loads.
+    __device__ __forceinline__ bool vector_ok() const { return (ld % 8) == 0 && aligned_to(ptr, 16); }
+};
+
+// For operands that need no change on the way to shared memory.
+struct NoTransform {
+    __device__ __forceinline__ void operator()(uint4&, int, int) const {}
+};
+
+// Loads the stored tile at (row0, col0) into registers, zero-filling outside the matrix, and
+// applies `xform(chunk, row, col)` to each 8-element chunk. Chunk c = tid + i·256 covers row
+// c/(COLS/8), columns 8·(c%(COLS/8)) .. +7: a warp reads whole 128- or 256-byte row segments.
+template <bool KMAJOR, class Xform>
+__device__ __forceinline__ void load_tile(uint4 (&regs)[GEMM_CHUNKS], const MatrixRef& m, bool vec,
+                                          int row0, int col0, const Xform& xform) {
+    constexpr int CPR = TileDims<KMAJOR>::COLS / 8;  // chunks per row
+#pragma unroll
+    for (int i = 0; i < GEMM_CHUNKS; ++i) {
+        const int c = threadIdx.x + i * GEMM_THREADS;
+        const int row = row0 + c / CPR;
+        const int col = col0 + (c % CPR) * 8;
+        const lf_bf16* src = m.ptr + (long long)row * m.ld + col;
+        if (row < m.rows && vec && col + 8 <= m.cols) {
+            regs[i] = simt::ld_global_nc(reinterpret_cast<const uint4*>(src));
+        } else {
+            unsigned short h[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                h[j] = 0;
+                if (row < m.rows && col + j < m.cols) {
+                    lf_bf16 v = simt::ld_global_nc(src + j);
+                    h[j] = *reinterpret_cast<unsigned short*>(&v);
+                }
+            }
+            regs[i] = make_uint4(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16,
+                                 h[4] | (unsigned)h[5] << 16, h[6] | (unsigned)h[7] << 16);
+        }
+        xform(regs[i], row, col);
+    }
+}
+
+template <bool KMAJOR>
+__device__ __forceinline__ void store_tile(lf_bf16* tile, const uint4 (&regs)[GEMM_CHUNKS]) {
+    constexpr int CPR = TileDims<KMAJOR>::COLS / 8;
+#pragma unroll
+    for (int i = 0; i < GEMM_CHUNKS; ++i) {
+        const int c = threadIdx.x + i * GEMM_THREADS;
+        *reinterpret_cast<uint4*>(&tile[(c / CPR) * TileDims<KMAJOR>::LDS + (c % CPR) * 8]) = regs[i];
+    }
+}
+
+// A fragment (rows m0..m0+15, k ks..ks+15) of a stored A tile: regs a0a1, a2a3, a4a5, a6a7.
+template <bool KMAJOR>
+__device__ __forceinline__ void load_a_frag(unsigned (&f)[4], const lf_bf16* tile, int m0, int ks, int lane) {
+    constexpr int LDS = TileDims<KMAJOR>::LDS;
+    if (KMAJOR)  // matrices (m lo, k lo), (m hi, k lo), (m lo, k hi), (m hi, k hi), transposed
+        simt::ldmatrix_x4_trans(f, &tile[(ks + (lane & 7) + (lane >> 4) * 8) * LDS + m0 + ((lane >> 3) & 1) * 8]);
+    else  // lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k+8
+        simt::ldmatrix_x4(f, &tile[(m0 + (lane & 15)) * LDS + ks + (lane >> 4) * 8]);
+}
+
+// B fragments for two n8 blocks (n0..n0+15, k ks..ks+15) of a stored B tile.
+template <bool KMAJOR>
+__device__ __forceinline__ void load_b_frags(unsigned (&lo)[2], unsigned (&hi)[2], const lf_bf16* tile,
+                                             int n0, int ks, int lane) {
+    constexpr int LDS = TileDims<KMAJOR>::LDS;
+    unsigned r[4];  // matrices (n lo, k lo), (n lo, k hi), (n hi, k lo), (n hi, k hi)
+    if (KMAJOR)
+        simt::ldmatrix_x4_trans(r, &tile[(ks + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n0 + (lane >> 4) * 8]);
+    else
+        simt::ldmatrix_x4(r, &tile[(n0 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks + ((lane >> 3) & 1) * 8]);
+    lo[0] = r[0];
+    lo[1] = r[1];
+    hi[0] = r[2];
+    hi[1] = r[3];
+}
+
+// acc += A tile · B tileᵀ over one K-step: four k16 steps of 4×4 MMAs per warp.
+template <bool A_KMAJOR, bool B_KMAJOR>
+__device__ __forceinline__ void mma_tile(GemmAcc& acc, const GemmSmem& s, int warp_m, int warp_n, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < GEMM_BK; ks += 16) {
+        unsigned af[GEMM_MFRAGS][4];
+        unsigned bf[GEMM_NFRAGS][2];
+#pragma unroll
+        for (int mi = 0; mi < GEMM_MFRAGS; ++mi) load_a_frag<A_KMAJOR>(af[mi], s.a, warp_m + mi * 16, ks, lane);
+#pragma unroll
+        for (int nj = 0; nj < GEMM_NFRAGS / 2; ++nj)
+            load_b_frags<B_KMAJOR>(bf[2 * nj], bf[2 * nj + 1], s.b, warp_n + nj * 16, ks, lane);
+#pragma unroll
+        for (int mi = 0; mi < GEMM_MFRAGS; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < GEMM_NFRAGS; ++ni)
+                simt::mma_m16n8k16_bf16(acc.v[mi][ni], af[mi], bf[ni], acc.v[mi][ni]);
+    }
+}
+
+// One operand of the main loop: the stored matrix, whether it is K-major, and the transform
+// applied to its chunks on the way to shared memory.
+template <bool KMAJOR, class Xform = NoTransform>
+struct Operand {
+    MatrixRef m;
+    Xform xform;
+};
+
+template <bool KMAJOR>
+__device__ __forceinline__ Operand<KMAJOR> operand(const lf_bf16* ptr, int rows, int cols, int ld) {
+    return Operand<KMAJOR>{MatrixRef{ptr, rows, cols, ld}, NoTransform{}};
+}
+
+// acc += A·Bᵀ over k in [0, k) for the C tile at (block_m, block_n). `on_tile(s, k0)` runs once
+// per K-step while both tiles are in shared memory (between the barriers), so fused kernels can
+// use the same A tile for a second product; pass a no-op otherwise.
+template <bool A_KMAJOR, class AX, bool B_KMAJOR, class BX, class OnTile>
+__device__ __forceinline__ void gemm_mainloop(GemmAcc& acc, GemmSmem& s, const Operand<A_KMAJOR, AX>& a,
+                                              const Operand<B_KMAJOR, BX>& b, int k, int block_m,
+                                              int block_n, OnTile on_tile) {
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int warp_m = (warp / 4) * GEMM_WARP_M;
+    const int warp_n = (warp % 4) * GEMM_WARP_N;
+    const bool a_vec = a.m.vector_ok();
+    const bool b_vec = b.m.vector_ok();
+    // Stored coordinates of the tile at K offset k0.
+    auto a_at = [&](uint4 (&r)[GEMM_CHUNKS], int k0) {
+        load_tile<A_KMAJOR>(r, a.m, a_vec, A_KMAJOR ? k0 : block_m, A_KMAJOR ? block_m : k0, a.xform);
+    };
+    auto b_at = [&](uint4 (&r)[GEMM_CHUNKS], int k0) {
+        load_tile<B_KMAJOR>(r, b.m, b_vec, B_KMAJOR ? k0 : block_n, B_KMAJOR ? block_n : k0, b.xform);
+    };
+
+    uint4 ra[GEMM_CHUNKS], rb[GEMM_CHUNKS];
+    a_at(ra, 0);
+    b_at(rb, 0);
+    for (int k0 = 0; k0 < k; k0 += GEMM_BK) {
+        store_tile<A_KMAJOR>(s.a, ra);
+        store_tile<B_KMAJOR>(s.b, rb);
+        __syncthreads();  // tile visible to every warp
+        if (k0 + GEMM_BK < k) {
+            a_at(ra, k0 + GEMM_BK);
+            b_at(rb, k0 + GEMM_BK);
+        }
+        on_tile(s, k0);
+        mma_tile<A_KMAJOR, B_KMAJOR>(acc, s, warp_m, warp_n, lane);
+        __syncthreads();  // every warp done reading before the next store overwrites the tile
+    }
+}
+
+struct NoOnTile {
+    __device__ __forceinline__ void operator()(const GemmSmem&, int) const {}
+};
+
+// Calls f(row, col, v) for each accumulator (row, col) of this thread — a reference to the
+// value, so epilogues can also rescale in place. Columns come in adjacent pairs (col, col+1).
+template <class F>
+__device__ __forceinline__ void for_each_acc(GemmAcc& acc, int block_m, int block_n, F f) {
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int row_base = block_m + (warp / 4) * GEMM_WARP_M + lane / 4;
+    const int col_base = block_n + (warp % 4) * GEMM_WARP_N + 2 * (lane % 4);
+#pragma unroll
+    for (int mi = 0; mi < GEMM_MFRAGS; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < GEMM_NFRAGS; ++ni)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                f(row_base + mi * 16 + (i / 2) * 8, col_base + ni * 8 + (i % 2), acc.v[mi][ni][i]);
+}
+
+// Calls store(row, col, v0, v1) for each pair of adjacent accumulators (columns col, col+1)
+// of this thread inside the matrix; col+1 may be >= n, the store must check it.
+template <class Store>
+__device__ __forceinline__ void gemm_epilogue(const GemmAcc& acc, int block_m, int block_n, int m,
+                                              int n, Store store) {
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int row_base = block_m + (warp / 4) * GEMM_WARP_M + lane / 4;
+    const int col_base = block_n + (warp % 4) * GEMM_WARP_N + 2 * (lane % 4);
+#pragma unroll
+    for (int mi = 0; mi < GEMM_MFRAGS; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < GEMM_NFRAGS; ++ni) {
+            const int col = col_base + ni * 8;
+            if (col >= n) continue;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = row_base + mi * 16 + half * 8;
+                if (row < m) store(row, col, acc.v[mi][ni][2 * half], acc.v[mi][ni][2 * half + 1]);
+            }
+        }
+}
+
+// Writes an f32 or bf16 pair, 8 (f32) or 4 (bf16) bytes at once when both columns exist and
+// the address is aligned for it.
+__device__ __forceinline__ void store_pair(float* c, long long idx, bool pair, float v0, float v1) {
+    if (pair && aligned_to(c + idx, 8)) {
+        simt::st_global(reinterpret_cast<float2*>(c + idx), make_float2(v0, v1));
+    } else {
+        simt::st_global(c + idx, v0);
+        if (pair) simt::st_global(c + idx + 1, v1);
+    }
+}
+
+__device__ __forceinline__ void store_pair(lf_bf16* c, long long idx, bool pair, float v0, float v1) {
+    if (pair && aligned_to(c + idx, 4)) {
+        simt::st_global(reinterpret_cast<__nv_bfloat162*>(c + idx), __floats2bfloat162_rn(v0, v1));
+    } else {
+        simt::st_global(c + idx, __float2bfloat16(v0));
+        if (pair) simt::st_global(c + idx + 1, __float2bfloat16(v1));
+    }
+}
+
+// Stores the C tile to a row-major [m, ldc] matrix of f32 or bf16, scaled by `scale`.
+template <class Out>
+__device__ __forceinline__ void store_tile_c(const GemmAcc& acc, Out* c, int ldc, int block_m, int block_n,
+                                             int m, int n, float scale = 1.0f) {
+    gemm_epilogue(acc, block_m, block_n, m, n, [&](int row, int col, float v0, float v1) {
+        store_pair(c, (long long)row * ldc + col, col + 1 < n, scale * v0, scale * v1);
+    });
+}
+
+}  // namespace lf

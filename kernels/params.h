@@ -1,0 +1,102 @@
+// The one Rust <-> CUDA contract: one parameter struct per kernel family, passed by value.
+//
+// Read by three compilers:
+//  - NVRTC/nvcc (device code): lf_bf16 = __nv_bfloat16;
+//  - the host C++ compiler building the SIMT simulator: lf_bf16 = the simulator's __nv_bfloat16;
+//  - bindgen (LF_BINDGEN defined): lf_bf16 = unsigned short, giving src/device/params.rs.
+// Only plain C types here: NVRTC has no <stdint.h>. Pointers are device addresses (host
+// addresses in the simulator); all matrices are row-major with an explicit leading dimension.
+#pragma once
+
+#if defined(LF_BINDGEN)
+typedef unsigned short lf_bf16;
+#elif defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 lf_bf16;
+#else
+#include "simt.h"
+typedef __nv_bfloat16 lf_bf16;
+#endif
+
+/// C[m, n] = sum_k A[m, k] * B[n, k]  (C = A·Bᵀ), bf16 inputs, f32 accumulation.
+/// A: [M, lda] with lda >= K; B: [N, ldb] with ldb >= K; C: [M, ldc] with ldc >= N, f32 or bf16
+/// depending on the kernel (gemm_bf16_f32out / gemm_bf16_bf16out).
+typedef struct GemmParams {
+    const lf_bf16* a;
+    const lf_bf16* b;
+    void* c;
+    int m;
+    int n;
+    int k;
+    int lda;
+    int ldb;
+    int ldc;
+} GemmParams;
+
+/// Dropout of x in the LoRA branch (kernels/philox.cuh): element e of x is kept iff Philox word
+/// e%4 of counter (e/4, offset) under key seed is >= threshold; kept values scale by `scale`.
+/// threshold = 0 disables dropout.
+typedef struct DropoutParams {
+    unsigned long long seed;
+    unsigned long long offset;
+    unsigned int threshold;
+    float scale;
+} DropoutParams;
+
+/// LoRA linear forward, y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ col_scale)·Bᵀ, kernels lora_down,
+/// lora_fwd_split_*, lora_fwd_fused_*.
+/// x [M,K], w0 [N,K], a [R,K] (R = Σ ranks of stacked targets), b [N,R] (for one target);
+/// col_scale [R] = alpha/r (or alpha/√r) per column of S.
+/// Outputs: s [M,R] f32 = drop(x)·Aᵀ (saved for backward), s_scaled [M,R] bf16 = S ⊙ col_scale,
+/// y [M,N] (f32 or bf16 by kernel name). lora_fwd_split reads s_scaled written by lora_down.
+typedef struct LoraForwardParams {
+    const lf_bf16* x;
+    const lf_bf16* w0;
+    const lf_bf16* a;
+    const lf_bf16* b;
+    float* s;
+    lf_bf16* s_scaled;
+    const float* col_scale;
+    void* y;
+    int m;
+    int n;
+    int k;
+    int r;
+    DropoutParams dropout;
+} LoraForwardParams;
+
+/// LoRA linear backward, kernels lora_bwd_*. Inputs as in the forward plus
+/// s_scaled [M,R] (saved), dy [M,N]. Outputs:
+///   ds [M,R] bf16 = (dy·B) ⊙ col_scale                          (lora_bwd_ds)
+///   partials of dB [N,R] = dyᵀ·s_scaled, of dA [R,K] = dsᵀ·(mask⊙x) into `workspace`,
+///     one [rows, cols] slab per K-split (lora_bwd_db, lora_bwd_da; reduce with splitk_reduce)
+///   dx [M,K] = drop'(ds·A) + dy·W0 (f32 or bf16 by kernel name)   (lora_bwd_dx_*)
+/// `splits` K-splits over M, each `split_rows` rows (a multiple of 64).
+typedef struct LoraBackwardParams {
+    const lf_bf16* x;
+    const lf_bf16* w0;
+    const lf_bf16* a;
+    const lf_bf16* b;
+    const lf_bf16* s_scaled;
+    const lf_bf16* dy;
+    lf_bf16* ds;
+    float* workspace;
+    void* dx;
+    const float* col_scale;
+    int m;
+    int n;
+    int k;
+    int r;
+    int split_rows;
+    DropoutParams dropout;
+} LoraBackwardParams;
+
+/// out[i] = scale · Σ_z partial[z·len + i] for i < len, z < splits, summed in z order
+/// (deterministic, unlike f32 atomics).
+typedef struct SplitKReduceParams {
+    const float* partial;
+    float* out;
+    long long len;
+    int splits;
+    float scale;
+} SplitKReduceParams;

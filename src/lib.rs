@@ -1,0 +1,16 @@
+//! lorafuse: fused CUDA kernels for LoRA and QLoRA fine-tuning, a thin autograd tape and a
+//! trainer for a Llama-architecture decoder on one GPU (or the CPU when there is none).
+//!
+//! Layers, top to bottom (see `DESIGN.md`):
+//! - [`ops`]: one function per op, dispatched to a backend;
+//! - [`device`]: backends (`Cpu`, `Cuda`, `Sim`) behind one trait, and the kernels built from
+//!   `kernels/*.cu`;
+//! - [`tensor`]: the minimal tensor the ops take.
+
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod tensor;
+pub mod testing;
+
+pub use error::{Error, Result};

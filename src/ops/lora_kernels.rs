@@ -1,0 +1,252 @@
+//! Launch code for the LoRA kernels of `kernels/lora.cu` (forward: split strategy; backward:
+//! dS, dB, dA, dx), on any [`Device`]. The CPU reference is [`crate::ops::lora`].
+//!
+//! Shapes: x [M,K], W0 [N,K], A [R,K], B [N,R] (bf16); `col_scale` [R] f32 = alpha/r (or
+//! alpha/√r) per column of S, so several targets stacked along R keep their own scale.
+
+use crate::device::params::{DropoutParams, LoraBackwardParams, LoraForwardParams, SplitKReduceParams};
+use crate::device::{blocks_for, Device, DeviceBuffer, DevicePtr, KernelParams, LaunchConfig, ParamBytes};
+use crate::ops::philox::DropoutMask;
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+// SAFETY: bindgen-generated #[repr(C)] mirrors of kernels/params.h.
+unsafe impl KernelParams for LoraForwardParams {}
+unsafe impl KernelParams for LoraBackwardParams {}
+unsafe impl KernelParams for SplitKReduceParams {}
+
+const TILE: usize = 128;
+const THREADS: u32 = 256;
+/// Blocks to aim for when splitting the M reduction of dA and dB (≈ 2 waves on 132 SMs).
+const TARGET_BLOCKS: usize = 264;
+
+/// The kernels' view of a dropout mask (same bits as the CPU's [`DropoutMask`]).
+fn dropout_params(m: &DropoutMask) -> DropoutParams {
+    DropoutParams { seed: m.seed, offset: m.offset, threshold: m.threshold, scale: m.scale }
+}
+
+/// The frozen base weight and the adapter, as device tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraWeights<'a> {
+    /// W0 [N,K] bf16.
+    pub w0: &'a Tensor,
+    /// A [R,K] bf16 (several targets' A stacked along R share one read of x).
+    pub a: &'a Tensor,
+    /// B [N,R] bf16.
+    pub b: &'a Tensor,
+    /// [R] f32: the scale of each column of S (alpha/r of its target).
+    pub col_scale: &'a Tensor,
+}
+
+/// Sizes shared by forward and backward.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+}
+
+fn expect(t: &Tensor, name: &str, shape: &[usize], dtype: DType) -> Result<()> {
+    if t.shape() != shape || t.dtype() != dtype {
+        return Err(Error::shape(
+            "lora",
+            format!("{name} is {:?} {:?}, expected {shape:?} {dtype:?}", t.shape(), t.dtype()),
+        ));
+    }
+    Ok(())
+}
+
+fn dims(x: &Tensor, w: &LoraWeights) -> Result<Dims> {
+    let (xs, ws, as_) = (x.shape(), w.w0.shape(), w.a.shape());
+    if xs.len() != 2 || ws.len() != 2 || as_.len() != 2 {
+        return Err(Error::shape("lora", format!("x {xs:?}, W0 {ws:?}, A {as_:?} must be matrices")));
+    }
+    let d = Dims { m: xs[0], k: xs[1], n: ws[0], r: as_[0] };
+    expect(x, "x", &[d.m, d.k], DType::BF16)?;
+    expect(w.w0, "W0", &[d.n, d.k], DType::BF16)?;
+    expect(w.a, "A", &[d.r, d.k], DType::BF16)?;
+    expect(w.b, "B", &[d.n, d.r], DType::BF16)?;
+    expect(w.col_scale, "col_scale", &[d.r], DType::F32)?;
+    if [d.m, d.n, d.k, d.r].iter().any(|&v| v > i32::MAX as usize / 2) {
+        return Err(Error::shape("lora", format!("{d:?} exceeds the kernels' 32-bit indices")));
+    }
+    Ok(d)
+}
+
+fn grid(cols: usize, rows: usize, z: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid: (blocks_for(cols, TILE)?, blocks_for(rows, TILE)?, z as u32),
+        block: (THREADS, 1, 1),
+        dynamic_smem_bytes: 0,
+    })
+}
+
+fn out_kernel(base: &str, out: DType) -> Result<String> {
+    match out {
+        DType::F32 => Ok(format!("{base}_f32out")),
+        DType::BF16 => Ok(format!("{base}_bf16out")),
+        other => Err(Error::shape(base, format!("output dtype {other:?} unsupported (f32 or bf16)"))),
+    }
+}
+
+/// What the forward returns: y, and what backward needs.
+#[derive(Debug)]
+pub struct LoraForward {
+    /// y [M,N] in the requested dtype.
+    pub y: Tensor,
+    /// S = drop(x)·Aᵀ [M,R] f32.
+    pub s: Tensor,
+    /// S ⊙ col_scale [M,R] bf16 (the operand of the up-projection and of dB).
+    pub s_scaled: Tensor,
+}
+
+/// Fused forward (split strategy): `lora_down` computes S from one read of x with dropout
+/// applied in registers, then the base GEMM runs with the LoRA up-projection as R extra K
+/// columns. No mask or dropped copy of x is written.
+pub fn lora_forward(
+    dev: &Arc<dyn Device>,
+    x: &Tensor,
+    w: &LoraWeights,
+    drop: &DropoutMask,
+    out: DType,
+) -> Result<LoraForward> {
+    let d = dims(x, w)?;
+    let backend = crate::device::Backend::Device(dev.clone());
+    let y = Tensor::empty(&[d.m, d.n], out, &backend)?;
+    let s = Tensor::empty(&[d.m, d.r], DType::F32, &backend)?;
+    let s_scaled = Tensor::empty(&[d.m, d.r], DType::BF16, &backend)?;
+    let kernel = out_kernel("lora_fwd_split", out)?;
+    if d.m == 0 || d.n == 0 {
+        return Ok(LoraForward { y, s, s_scaled });
+    }
+    let p = LoraForwardParams {
+        x: x.device_ptr()?.as_ptr(),
+        w0: w.w0.device_ptr()?.as_ptr(),
+        a: w.a.device_ptr()?.as_ptr(),
+        b: w.b.device_ptr()?.as_ptr(),
+        s: s.device_ptr()?.as_mut_ptr(),
+        s_scaled: s_scaled.device_ptr()?.as_mut_ptr(),
+        col_scale: w.col_scale.device_ptr()?.as_ptr(),
+        y: y.device_ptr()?.as_mut_ptr(),
+        m: d.m as i32,
+        n: d.n as i32,
+        k: d.k as i32,
+        r: d.r as i32,
+        dropout: dropout_params(drop),
+    };
+    // SAFETY: every pointer is a live device tensor whose shape `dims` validated.
+    unsafe {
+        if d.r > 0 {
+            dev.launch("lora_down", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
+        }
+        dev.launch(&kernel, &grid(d.n, d.m, 1)?, ParamBytes::new(&p))?;
+    }
+    Ok(LoraForward { y, s, s_scaled })
+}
+
+/// Gradients of the LoRA linear.
+#[derive(Debug)]
+pub struct LoraGrads {
+    /// dx [M,K] in the requested dtype.
+    pub dx: Tensor,
+    /// dA [R,K] f32.
+    pub da: Tensor,
+    /// dB [N,R] f32.
+    pub db: Tensor,
+}
+
+/// K-splits of the M reduction so that `tiles` output tiles become about [`TARGET_BLOCKS`]
+/// blocks; each split covers a multiple of 64 rows.
+fn splits_for(m: usize, tiles: usize) -> (usize, usize) {
+    let want = TARGET_BLOCKS.div_ceil(tiles.max(1)).clamp(1, m.div_ceil(256).max(1));
+    let split_rows = m.div_ceil(want).div_ceil(64) * 64;
+    (m.div_ceil(split_rows.max(1)).max(1), split_rows.max(64))
+}
+
+/// Fused backward: dS (one pass over dy), dB and dA (split over M, deterministic reduction),
+/// dx as the base GEMM dy·W0 with its accumulator started at the masked dS·A term.
+pub fn lora_backward(
+    dev: &Arc<dyn Device>,
+    x: &Tensor,
+    w: &LoraWeights,
+    s_scaled: &Tensor,
+    dy: &Tensor,
+    drop: &DropoutMask,
+    out: DType,
+) -> Result<LoraGrads> {
+    let d = dims(x, w)?;
+    expect(s_scaled, "s_scaled", &[d.m, d.r], DType::BF16)?;
+    expect(dy, "dy", &[d.m, d.n], DType::BF16)?;
+    let backend = crate::device::Backend::Device(dev.clone());
+    let dx = Tensor::empty(&[d.m, d.k], out, &backend)?;
+    let mut da = Tensor::empty(&[d.r, d.k], DType::F32, &backend)?;
+    let mut db = Tensor::empty(&[d.n, d.r], DType::F32, &backend)?;
+    let ds = Tensor::empty(&[d.m, d.r], DType::BF16, &backend)?;
+    let dx_kernel = out_kernel("lora_bwd_dx", out)?;
+    let dropout = dropout_params(drop);
+
+    let (db_splits, db_rows) = splits_for(d.m, d.r.div_ceil(TILE) * d.n.div_ceil(TILE));
+    let (da_splits, da_rows) = splits_for(d.m, d.k.div_ceil(TILE) * d.r.div_ceil(TILE));
+    let ws_db = DeviceBuffer::new(dev, db_splits * d.n * d.r * 4)?;
+    let ws_da = DeviceBuffer::new(dev, da_splits * d.r * d.k * 4)?;
+    let mut p = LoraBackwardParams {
+        x: x.device_ptr()?.as_ptr(),
+        w0: w.w0.device_ptr()?.as_ptr(),
+        a: w.a.device_ptr()?.as_ptr(),
+        b: w.b.device_ptr()?.as_ptr(),
+        s_scaled: s_scaled.device_ptr()?.as_ptr(),
+        dy: dy.device_ptr()?.as_ptr(),
+        ds: ds.device_ptr()?.as_mut_ptr(),
+        workspace: ws_db.ptr().as_mut_ptr(),
+        dx: dx.device_ptr()?.as_mut_ptr(),
+        col_scale: w.col_scale.device_ptr()?.as_ptr(),
+        m: d.m as i32,
+        n: d.n as i32,
+        k: d.k as i32,
+        r: d.r as i32,
+        split_rows: db_rows as i32,
+        dropout,
+    };
+    let reduce = |partial: DevicePtr, out: DevicePtr, len: usize, splits: usize, scale: f32| -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let rp = SplitKReduceParams {
+            partial: partial.as_ptr(),
+            out: out.as_mut_ptr(),
+            len: len as i64,
+            splits: splits as i32,
+            scale,
+        };
+        let cfg = LaunchConfig {
+            grid: (blocks_for(len, THREADS as usize)?.min(4096), 1, 1),
+            block: (THREADS, 1, 1),
+            dynamic_smem_bytes: 0,
+        };
+        // SAFETY: partial holds splits·len f32, out holds len f32.
+        unsafe { dev.launch("splitk_reduce", &cfg, ParamBytes::new(&rp)) }
+    };
+    let drop_scale = if dropout.threshold != 0 { dropout.scale } else { 1.0 };
+    // SAFETY: all pointers are live device tensors/buffers of the validated shapes.
+    unsafe {
+        if d.m > 0 && d.r > 0 {
+            dev.launch("lora_bwd_ds", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
+            dev.launch("lora_bwd_db", &grid(d.r, d.n, db_splits)?, ParamBytes::new(&p))?;
+            reduce(ws_db.ptr(), db.device_ptr()?, d.n * d.r, db_splits, 1.0)?;
+            p.workspace = ws_da.ptr().as_mut_ptr();
+            p.split_rows = da_rows as i32;
+            dev.launch("lora_bwd_da", &grid(d.k, d.r, da_splits)?, ParamBytes::new(&p))?;
+            reduce(ws_da.ptr(), da.device_ptr()?, d.r * d.k, da_splits, drop_scale)?;
+        } else {
+            // Empty reductions: the gradients are zero, and ds must be for dx.
+            da.fill_bytes(0)?;
+            db.fill_bytes(0)?;
+        }
+        if d.m > 0 && d.k > 0 {
+            dev.launch(&dx_kernel, &grid(d.k, d.m, 1)?, ParamBytes::new(&p))?;
+        }
+    }
+    Ok(LoraGrads { dx, da, db })
+}

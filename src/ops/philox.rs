@@ -1,0 +1,165 @@
+//! Philox-4x32-10 counter-based RNG and the LoRA dropout mask built on it.
+//!
+//! Philox-4x32-10 (Salmon et al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"):
+//! multipliers `M0 = 0xD2511F53`, `M1 = 0xCD9E8D57`, key bumps `W0 = 0x9E3779B9`,
+//! `W1 = 0xBB67AE85`, 10 rounds. One round on counter `c[0..4]` with key `k[0..2]`:
+//! `(hi0, lo0) = M0·c0`, `(hi1, lo1) = M1·c2` (64-bit products), then
+//! `c = [hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0]`; the key is bumped by `(W0, W1)` between rounds.
+//!
+//! **Dropout convention** (the CUDA kernels and the simulator implement the same, bit for bit):
+//! - key = `(seed as u32, (seed >> 32) as u32)`;
+//! - for the linear element index `e` of `x` (row-major `[M, K]`, `e = m·K + k`) and a per-call
+//!   offset `o: u64`, counter = `((e>>2) as u32, ((e>>2)>>32) as u32, o as u32, (o>>32) as u32)`;
+//! - the element's random word is output word `e & 3`;
+//! - the element is **kept** iff `word >= t`, `t = min(round(p·2³²), 2³²−1)` (so `p = 0` keeps
+//!   everything); kept elements are scaled by `1/(1−p)`.
+//!
+//! No floating point decides a mask bit, so every backend gets the identical mask, and backward
+//! regenerates it instead of storing it.
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+/// Philox-4x32-10 of `counter` under `key`.
+///
+/// Known answers (Random123 test vectors, checked in the tests below):
+/// key (0,0), counter 0 → `6627e8d5 e169c58d bc57ac4c 9b00dbd8`;
+/// key and counter all `0xffffffff` → `408f276d 41c83b0e a20bc7c6 6d5451fd`.
+#[inline]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let mut c = counter;
+    let mut k = key;
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let p0 = M0 as u64 * c[0] as u64;
+        let p1 = M1 as u64 * c[2] as u64;
+        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+    }
+    c
+}
+
+/// Dropout parameters as integers/f32 computed once on the host (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutMask {
+    /// RNG seed (the Philox key).
+    pub seed: u64,
+    /// Per-call offset (counter words 2–3): distinct for each module, layer and step.
+    pub offset: u64,
+    /// Keep iff `word >= threshold`.
+    pub threshold: u32,
+    /// `1/(1−p)`, applied to kept elements.
+    pub scale: f32,
+}
+
+impl DropoutMask {
+    /// The mask for drop probability `p` in `[0, 1)`.
+    pub fn new(p: f32, seed: u64, offset: u64) -> Self {
+        let t = (p as f64 * 4_294_967_296.0).round().min(u32::MAX as f64).max(0.0) as u32;
+        DropoutMask { seed, offset, threshold: t, scale: 1.0 / (1.0 - p) }
+    }
+    /// True when nothing is ever dropped (`p = 0`).
+    pub fn is_identity(&self) -> bool {
+        self.threshold == 0
+    }
+    /// The four Philox words for elements `4g .. 4g+4`.
+    #[inline]
+    pub fn words(&self, group: u64) -> [u32; 4] {
+        let key = [self.seed as u32, (self.seed >> 32) as u32];
+        philox4x32_10([group as u32, (group >> 32) as u32, self.offset as u32, (self.offset >> 32) as u32], key)
+    }
+    /// Whether element `e` is kept.
+    #[inline]
+    pub fn keep(&self, e: u64) -> bool {
+        self.words(e >> 2)[(e & 3) as usize] >= self.threshold
+    }
+    /// `out[i] = drop(x)[i]` for the elements `x` that start at linear index `start`
+    /// (kept: `x·scale`, dropped: 0). `start` need not be a multiple of 4.
+    pub fn apply(&self, start: u64, x: &[f32], out: &mut [f32]) {
+        if self.is_identity() {
+            out.copy_from_slice(x);
+            return;
+        }
+        let mut e = start;
+        let mut i = 0;
+        while i < x.len() {
+            let w = self.words(e >> 2);
+            let lane0 = (e & 3) as usize;
+            let n = (4 - lane0).min(x.len() - i);
+            for l in 0..n {
+                out[i + l] = if w[lane0 + l] >= self.threshold { x[i + l] * self.scale } else { 0.0 };
+            }
+            i += n;
+            e += n as u64;
+        }
+    }
+}
+
+/// Uniform f32 values in `[0, 1)` from Philox (24-bit mantissa of each word), for weight init.
+pub fn uniform(seed: u64, offset: u64, n: usize) -> Vec<f32> {
+    let m = DropoutMask::new(0.0, seed, offset);
+    let mut out = Vec::with_capacity(n);
+    let mut g = 0u64;
+    while out.len() < n {
+        for w in m.words(g) {
+            if out.len() < n {
+                out.push((w >> 8) as f32 * (1.0 / 16_777_216.0));
+            }
+        }
+        g += 1;
+    }
+    out
+}
+
+/// Standard-normal f32 values (Box–Muller on [`uniform`] pairs), for `"gaussian"` init.
+pub fn normal(seed: u64, offset: u64, n: usize) -> Vec<f32> {
+    let u = uniform(seed, offset, n + n % 2);
+    let mut out = Vec::with_capacity(n + 1);
+    for p in u.chunks(2) {
+        let r = (-2.0 * (1.0 - p[0] as f64).ln()).sqrt();
+        let th = std::f64::consts::TAU * p[1] as f64;
+        out.push((r * th.cos()) as f32);
+        out.push((r * th.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random123_known_answers() {
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
+        assert_eq!(
+            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn apply_matches_keep_at_any_start() {
+        let m = DropoutMask::new(0.3, 0x1234_5678_9abc_def0, 77);
+        let x: Vec<f32> = (0..23).map(|i| i as f32 + 1.0).collect();
+        let mut out = vec![0.0; 23];
+        m.apply(5, &x, &mut out);
+        for (i, (&o, &v)) in out.iter().zip(&x).enumerate() {
+            let want = if m.keep(5 + i as u64) { v * m.scale } else { 0.0 };
+            assert_eq!(o, want);
+        }
+    }
+
+    #[test]
+    fn thresholds() {
+        assert_eq!(DropoutMask::new(0.0, 1, 0).threshold, 0);
+        assert_eq!(DropoutMask::new(0.5, 1, 0).threshold, 1 << 31);
+        assert_eq!(DropoutMask::new(0.9999999999, 1, 0).threshold, u32::MAX);
+    }
+}
