@@ -19,6 +19,7 @@
 #pragma once
 #include "simt.h"
 #include "params.h"
+#include "util.cuh"
 
 namespace lf {
 
@@ -53,10 +54,6 @@ struct GemmSmem {
 struct GemmAcc {
     float v[GEMM_MFRAGS][GEMM_NFRAGS][4];
 };
-
-__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
-    return reinterpret_cast<unsigned long long>(p) % bytes == 0;
-}
 
 // A row-major bf16 matrix as stored: `rows` × `cols` used, rows `ld` elements apart.
 struct MatrixRef {

@@ -18,9 +18,10 @@ typedef __nv_bfloat16 lf_bf16;
 typedef __nv_bfloat16 lf_bf16;
 #endif
 
-/// C[m, n] = sum_k A[m, k] * B[n, k]  (C = A·Bᵀ), bf16 inputs, f32 accumulation.
-/// A: [M, lda] with lda >= K; B: [N, ldb] with ldb >= K; C: [M, ldc] with ldc >= N, f32 or bf16
-/// depending on the kernel (gemm_bf16_f32out / gemm_bf16_bf16out).
+/// C = alpha · op(A)·op(B), bf16 inputs, f32 accumulation; op and output dtype by kernel name
+/// (kernels/gemm.cu): gemm_bf16_* C = A·Bᵀ with A [M, lda≥K], B [N, ldb≥K];
+/// gemm_bf16_nn_* C = A·B with B [K, ldb≥N]; gemm_bf16_tn_* C = Aᵀ·B with A [K, lda≥M].
+/// C: [M, ldc ≥ N].
 typedef struct GemmParams {
     const lf_bf16* a;
     const lf_bf16* b;
@@ -31,6 +32,7 @@ typedef struct GemmParams {
     int lda;
     int ldb;
     int ldc;
+    float alpha;
 } GemmParams;
 
 /// Dropout of x in the LoRA branch (kernels/philox.cuh): element e of x is kept iff Philox word
@@ -100,3 +102,28 @@ typedef struct SplitKReduceParams {
     int splits;
     float scale;
 } SplitKReduceParams;
+
+/// Self-tests of the SIMT simulator (kernels/simt_selftest.cu, kernels simt_selftest_*). Run in
+/// the simulator they check it; run on a GPU they check the simulator's fragment layouts
+/// against the hardware. Each kernel's comment says how it uses the buffers and `mode`.
+typedef struct SimtSelftestParams {
+    const unsigned int* in;
+    unsigned int* out;
+    float* fout;
+    int n;
+    int mode;
+} SimtSelftestParams;
+
+/// Elementwise kernels of the unfused (PEFT-style) LoRA baseline, kernels/elementwise.cu:
+///   dropout_bf16:     out[i] = bf16(mask_i · x[i])                  (x, out bf16; materialized)
+///   masked_axpy_f32:  out[i] = base[i] + alpha · mask_i · x[i]      (x, base, out f32;
+///                                                                    base may be null: 0)
+/// mask_i = 0 or dropout.scale (Philox, element i), or 1 when dropout.threshold = 0.
+typedef struct ElementwiseParams {
+    const void* x;
+    const float* base;
+    void* out;
+    long long n;
+    float alpha;
+    DropoutParams dropout;
+} ElementwiseParams;

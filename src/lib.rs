@@ -3,6 +3,7 @@
 //!
 //! Layers, top to bottom (see `DESIGN.md`):
 //! - [`ops`]: one function per op, dispatched to a backend;
+//! - [`quant`]: NF4 (bitsandbytes-compatible) quantization;
 //! - [`device`]: backends (`Cpu`, `Cuda`, `Sim`) behind one trait, and the kernels built from
 //!   `kernels/*.cu`;
 //! - [`tensor`]: the minimal tensor the ops take.
@@ -10,6 +11,7 @@
 pub mod device;
 pub mod error;
 pub mod ops;
+pub mod quant;
 pub mod tensor;
 pub mod testing;
 

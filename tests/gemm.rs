@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use lorafuse::device::sim::{Schedule, Sim};
 use lorafuse::device::Device;
-use lorafuse::ops::gemm::GemmShape;
+use lorafuse::ops::gemm::{GemmLayout, GemmShape};
 use lorafuse::tensor::DType;
 use lorafuse::testing::TestRng;
 use std::sync::Arc;
@@ -24,8 +24,10 @@ fn gemm_matches_f64_reference_under_every_schedule() {
     for s in schedules() {
         let dev = sim(s);
         for (i, &(m, n, k)) in GEMM_SHAPES.iter().enumerate() {
-            let err = gemm_error(&dev, GemmShape::dense(m, n, k), DType::F32, i as u64);
-            assert!(err <= GEMM_F32_TOL, "{s:?} {m}x{n}x{k}: rel err {err:e}");
+            for layout in [GemmLayout::Nt, GemmLayout::Nn, GemmLayout::Tn] {
+                let err = gemm_error(&dev, GemmShape::dense_for(layout, m, n, k), layout, DType::F32, i as u64);
+                assert!(err <= GEMM_F32_TOL, "{s:?} {layout:?} {m}x{n}x{k}: rel err {err:e}");
+            }
         }
     }
 }
@@ -37,9 +39,18 @@ fn gemm_random_shapes_and_strides() {
     for seed in 0..6 {
         let (m, n, k) = (rng.size(1, 150), rng.size(1, 150), rng.size(1, 150));
         // odd leading dimensions force the 2-byte fallback loads and unpaired stores
-        let shape = GemmShape { m, n, k, lda: k + rng.size(0, 3), ldb: k + rng.size(0, 9), ldc: n + rng.size(0, 2) };
-        let err = gemm_error(&dev, shape, DType::F32, 100 + seed);
-        assert!(err <= GEMM_F32_TOL, "{shape:?}: rel err {err:e}");
+        for layout in [GemmLayout::Nt, GemmLayout::Nn, GemmLayout::Tn] {
+            let dense = GemmShape::dense_for(layout, m, n, k);
+            let shape = GemmShape {
+                lda: dense.lda + rng.size(0, 3),
+                ldb: dense.ldb + rng.size(0, 9),
+                ldc: n + rng.size(0, 2),
+                alpha: rng.range(-2.0, 2.0) as f32,
+                ..dense
+            };
+            let err = gemm_error(&dev, shape, layout, DType::F32, 100 + seed);
+            assert!(err <= GEMM_F32_TOL, "{layout:?} {shape:?}: rel err {err:e}");
+        }
     }
 }
 
@@ -47,7 +58,7 @@ fn gemm_random_shapes_and_strides() {
 fn gemm_bf16_output() {
     let dev = sim(Schedule::Lockstep);
     for &(m, n, k) in &[(17, 33, 65), (200, 96, 136)] {
-        let err = gemm_error(&dev, GemmShape::dense(m, n, k), DType::BF16, 5);
+        let err = gemm_error(&dev, GemmShape::dense(m, n, k), GemmLayout::Nt, DType::BF16, 5);
         assert!(err <= GEMM_BF16_TOL, "{m}x{n}x{k}: rel err {err:e}");
         assert!(err > 0.0, "bf16 output equal to the f64 reference means no rounding happened");
     }
@@ -58,7 +69,7 @@ fn gemm_counts_tensor_core_work_and_traffic() {
     let dev = sim(Schedule::Lockstep);
     let shape = GemmShape::dense(128, 256, 64);
     dev.take_stats();
-    gemm_error(&dev, shape, DType::F32, 9);
+    gemm_error(&dev, shape, GemmLayout::Nt, DType::F32, 9);
     let stats = dev.take_stats().expect("the simulator counts");
     // 2 blocks, each 8 warps × 16 MMAs per k16 step × 4 steps
     assert_eq!(stats.mma_flops(), 2 * 128 * 256 * 64);
@@ -70,9 +81,10 @@ fn gemm_counts_tensor_core_work_and_traffic() {
 fn gemm_rejects_bad_shapes() {
     let dev = sim(Schedule::Lockstep);
     let buf = lorafuse::device::DeviceBuffer::new(&dev, 64).unwrap();
-    let bad = GemmShape { m: 2, n: 2, k: 8, lda: 4, ldb: 8, ldc: 2 };
+    let bad = GemmShape { m: 2, n: 2, k: 8, lda: 4, ldb: 8, ldc: 2, alpha: 1.0 };
     // SAFETY: rejected before launch.
-    let err =
-        unsafe { lorafuse::ops::gemm::launch_gemm(dev.as_ref(), buf.ptr(), buf.ptr(), buf.ptr(), bad, DType::F32) };
+    let err = unsafe {
+        lorafuse::ops::gemm::launch_gemm(dev.as_ref(), buf.ptr(), buf.ptr(), buf.ptr(), bad, GemmLayout::Nt, DType::F32)
+    };
     assert!(err.unwrap_err().to_string().contains("leading dimensions"));
 }

@@ -6,21 +6,23 @@ mod common;
 use common::*;
 use lorafuse::device::cuda::{unavailable_reason, Cuda};
 use lorafuse::device::Device;
-use lorafuse::ops::gemm::GemmShape;
+use lorafuse::ops::gemm::{GemmLayout, GemmShape};
 use lorafuse::tensor::DType;
 use std::sync::Arc;
 
 type Check = fn(&Arc<dyn Device>);
 
 fn gemm_f32(dev: &Arc<dyn Device>) {
-    for (i, &(m, n, k)) in GEMM_SHAPES.iter().chain(&[(4096, 4096, 4096)]).enumerate() {
-        let err = gemm_error(dev, GemmShape::dense(m, n, k), DType::F32, i as u64);
-        assert!(err <= GEMM_F32_TOL, "{m}x{n}x{k}: rel err {err:e}");
+    for (i, &(m, n, k)) in GEMM_SHAPES.iter().chain(&[(1024, 1536, 2048)]).enumerate() {
+        for layout in [GemmLayout::Nt, GemmLayout::Nn, GemmLayout::Tn] {
+            let err = gemm_error(dev, GemmShape::dense_for(layout, m, n, k), layout, DType::F32, i as u64);
+            assert!(err <= GEMM_F32_TOL, "{layout:?} {m}x{n}x{k}: rel err {err:e}");
+        }
     }
 }
 
 fn gemm_bf16(dev: &Arc<dyn Device>) {
-    let err = gemm_error(dev, GemmShape::dense(200, 96, 136), DType::BF16, 3);
+    let err = gemm_error(dev, GemmShape::dense(200, 96, 136), GemmLayout::Nt, DType::BF16, 3);
     assert!(err <= GEMM_BF16_TOL, "rel err {err:e}");
 }
 

@@ -12,6 +12,7 @@ use half::bf16;
 use lorafuse::device::sim::{Schedule, Sim};
 use lorafuse::device::{Backend, Device};
 use lorafuse::ops::lora_kernels::{lora_backward, lora_forward, LoraWeights};
+use lorafuse::ops::lora_unfused::{lora_backward_unfused, lora_forward_unfused};
 use lorafuse::ops::philox::DropoutMask;
 use lorafuse::tensor::{DType, HostData, Tensor};
 use lorafuse::testing::{rel_err, TestRng};
@@ -117,6 +118,19 @@ fn run_case(dev: &Arc<dyn Device>, c: &Case, seed: u64) {
     assert!(e_da <= BF16_TOL, "{what}: dA rel err {e_da:e}");
     let e_dx = rel_err(&download(&g.dx), &dx_ref);
     assert!(e_dx <= BF16_TOL, "{what}: dx rel err {e_dx:e}");
+
+    // The unfused (PEFT-style) route reaches the same numbers; its bf16 copies of drop(x) and S
+    // add roundings of 2⁻⁹, hence the bf16 tolerance throughout.
+    let uf = lora_forward_unfused(dev, &tx, &w, scale, &mask).unwrap();
+    assert_eq!(uf.x_dropped.is_some(), p > 0.0, "PEFT materializes drop(x) exactly when p > 0");
+    let e_uy = rel_err(&download(&uf.y), &y_ref);
+    assert!(e_uy <= BF16_TOL, "{what}: unfused y rel err {e_uy:e}");
+    let (udx, uda, udb) = lora_backward_unfused(dev, &tx, &w, scale, &mask, &uf, &tdy).unwrap();
+    let db_exact = mm(n, r, m, |i, t| dy[t * n + i] as f64, |j, t| s_ref[t * r + j] * scale as f64);
+    for (name, got, want) in [("dx", &udx, &dx_ref), ("dA", &uda, &da_ref), ("dB", &udb, &db_exact)] {
+        let e = rel_err(&download(got), want);
+        assert!(e <= BF16_TOL, "{what}: unfused {name} rel err {e:e}");
+    }
 }
 
 #[test]

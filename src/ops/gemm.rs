@@ -1,6 +1,5 @@
-//! `C = A·Bᵀ` with bf16 inputs and f32 accumulation: the tensor-core kernel
-//! (`kernels/gemm.cu`: `gemm_bf16_f32out`, `gemm_bf16_bf16out`), its launch code, and the CPU
-//! reference.
+//! bf16 GEMMs with f32 accumulation on tensor cores (`kernels/gemm.cu`), in the three operand
+//! layouts a linear layer needs ([`GemmLayout`]), their launch code, and the CPU reference.
 
 use crate::device::params::GemmParams;
 use crate::device::{blocks_for, Backend, Device, KernelParams, LaunchConfig, ParamBytes};
@@ -18,6 +17,35 @@ pub const TILE_M: usize = 128;
 pub const TILE_N: usize = 128;
 pub const THREADS: u32 = 256;
 
+/// How the operands are stored (all row-major, `ld` elements between rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmLayout {
+    /// `C = A·Bᵀ`: A [M,K], B [N,K] — a linear layer's forward.
+    Nt,
+    /// `C = A·B`: A [M,K], B [K,N] — `dx = dy·W`.
+    Nn,
+    /// `C = Aᵀ·B`: A [K,M], B [K,N] — `dW = dyᵀ·x`.
+    Tn,
+}
+
+impl GemmLayout {
+    fn kernel_prefix(self) -> &'static str {
+        match self {
+            GemmLayout::Nt => "gemm_bf16",
+            GemmLayout::Nn => "gemm_bf16_nn",
+            GemmLayout::Tn => "gemm_bf16_tn",
+        }
+    }
+    /// Stored (rows, cols) of A and of B.
+    pub fn stored_shapes(self, m: usize, n: usize, k: usize) -> ((usize, usize), (usize, usize)) {
+        match self {
+            GemmLayout::Nt => ((m, k), (n, k)),
+            GemmLayout::Nn => ((m, k), (k, n)),
+            GemmLayout::Tn => ((k, m), (k, n)),
+        }
+    }
+}
+
 /// Problem description for [`launch_gemm`]: row-major matrices with leading dimensions.
 #[derive(Debug, Clone, Copy)]
 pub struct GemmShape {
@@ -27,16 +55,24 @@ pub struct GemmShape {
     pub lda: usize,
     pub ldb: usize,
     pub ldc: usize,
+    /// C = alpha · product.
+    pub alpha: f32,
 }
 
 impl GemmShape {
     /// Dense operands: lda = ldb = k, ldc = n.
     pub fn dense(m: usize, n: usize, k: usize) -> Self {
-        GemmShape { m, n, k, lda: k, ldb: k, ldc: n }
+        GemmShape { m, n, k, lda: k, ldb: k, ldc: n, alpha: 1.0 }
     }
-    fn validate(&self) -> Result<()> {
+    /// Dense operands stored as `layout` says.
+    pub fn dense_for(layout: GemmLayout, m: usize, n: usize, k: usize) -> Self {
+        let ((_, a_cols), (_, b_cols)) = layout.stored_shapes(m, n, k);
+        GemmShape { m, n, k, lda: a_cols, ldb: b_cols, ldc: n, alpha: 1.0 }
+    }
+    fn validate(&self, layout: GemmLayout) -> Result<()> {
         let s = self;
-        if s.lda < s.k || s.ldb < s.k || s.ldc < s.n {
+        let ((_, a_cols), (_, b_cols)) = layout.stored_shapes(s.m, s.n, s.k);
+        if s.lda < a_cols || s.ldb < b_cols || s.ldc < s.n {
             return Err(Error::shape("gemm", format!("leading dimensions {s:?} smaller than the rows they hold")));
         }
         if [s.m, s.n, s.k, s.lda, s.ldb, s.ldc].iter().any(|&v| v > i32::MAX as usize) {
@@ -54,7 +90,8 @@ impl GemmShape {
     }
 }
 
-/// Launches the GEMM on raw device addresses: `c` gets `A·Bᵀ` as f32 or bf16 (`out`).
+/// Launches the GEMM on raw device addresses: `c` gets the product `layout` names, as f32 or
+/// bf16 (`out`).
 ///
 /// # Safety
 /// `a`, `b`, `c` must be device allocations holding the matrices described by `shape`.
@@ -64,14 +101,16 @@ pub unsafe fn launch_gemm(
     b: crate::device::DevicePtr,
     c: crate::device::DevicePtr,
     shape: GemmShape,
+    layout: GemmLayout,
     out: DType,
 ) -> Result<()> {
-    shape.validate()?;
-    let kernel = match out {
-        DType::F32 => "gemm_bf16_f32out",
-        DType::BF16 => "gemm_bf16_bf16out",
+    shape.validate(layout)?;
+    let suffix = match out {
+        DType::F32 => "f32out",
+        DType::BF16 => "bf16out",
         other => return Err(Error::shape("gemm", format!("output dtype {other:?} unsupported (f32 or bf16)"))),
     };
+    let kernel = format!("{}_{suffix}", layout.kernel_prefix());
     if shape.m == 0 || shape.n == 0 {
         return Ok(());
     }
@@ -85,6 +124,7 @@ pub unsafe fn launch_gemm(
         lda: shape.lda as i32,
         ldb: shape.ldb as i32,
         ldc: shape.ldc as i32,
+        alpha: shape.alpha,
     };
     let cfg = LaunchConfig {
         grid: (blocks_for(shape.n, TILE_N)?, blocks_for(shape.m, TILE_M)?, 1),
@@ -94,7 +134,7 @@ pub unsafe fn launch_gemm(
     if cfg.grid.1 > 65535 {
         return Err(Error::shape("gemm", format!("M = {} needs more than 65535 row tiles", shape.m)));
     }
-    dev.launch(kernel, &cfg, ParamBytes::new(&params))
+    dev.launch(&kernel, &cfg, ParamBytes::new(&params))
 }
 
 /// `C = A·Bᵀ` for A [M,K] and B [N,K] bf16 tensors on the same backend; C [M,N] in `out` dtype.
@@ -130,6 +170,7 @@ pub fn gemm_bf16(a: &Tensor, b: &Tensor, out: DType, backend: &Backend) -> Resul
                     b.device_ptr()?,
                     c.device_ptr()?,
                     GemmShape::dense(m, n, k),
+                    GemmLayout::Nt,
                     out,
                 )?
             };
@@ -153,12 +194,22 @@ fn check_operands(a: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {
     Ok((sa[0], sa[1], sb[0]))
 }
 
-/// Float64 reference: `C[i][j] = Σ_k A[i][k]·B[j][k]` on the given (already bf16-rounded) values.
-pub fn gemm_ref(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+/// Float64 reference of the product `layout` names, on the stored (already bf16-rounded) values
+/// `a` and `b` with the leading dimensions of `shape`: `C[i][j] = Σ_t A(i,t)·B(j,t)`.
+pub fn gemm_ref(a: &[f32], b: &[f32], shape: GemmShape, layout: GemmLayout) -> Vec<f64> {
+    let GemmShape { m, n, k, lda, ldb, .. } = shape;
+    let a_at = |i: usize, t: usize| match layout {
+        GemmLayout::Tn => a[t * lda + i],
+        _ => a[i * lda + t],
+    } as f64;
+    let b_at = |j: usize, t: usize| match layout {
+        GemmLayout::Nt => b[j * ldb + t],
+        _ => b[t * ldb + j],
+    } as f64;
     let mut c = vec![0f64; m * n];
     c.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
         for (j, cij) in row.iter_mut().enumerate() {
-            *cij = (0..k).map(|t| a[i * k + t] as f64 * b[j * k + t] as f64).sum();
+            *cij = shape.alpha as f64 * (0..k).map(|t| a_at(i, t) * b_at(j, t)).sum::<f64>();
         }
     });
     c

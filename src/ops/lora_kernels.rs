@@ -22,7 +22,7 @@ const THREADS: u32 = 256;
 const TARGET_BLOCKS: usize = 264;
 
 /// The kernels' view of a dropout mask (same bits as the CPU's [`DropoutMask`]).
-fn dropout_params(m: &DropoutMask) -> DropoutParams {
+pub(crate) fn dropout_params(m: &DropoutMask) -> DropoutParams {
     DropoutParams { seed: m.seed, offset: m.offset, threshold: m.threshold, scale: m.scale }
 }
 

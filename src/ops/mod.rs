@@ -1,5 +1,4 @@
-//! One Rust function per op: shapes in, a backend does the work.
-
 pub mod gemm;
 pub mod lora_kernels;
+pub mod lora_unfused;
 pub mod philox;

@@ -4,7 +4,7 @@
 
 use half::bf16;
 use lorafuse::device::{Device, DeviceBuffer};
-use lorafuse::ops::gemm::{gemm_ref, launch_gemm, GemmShape};
+use lorafuse::ops::gemm::{gemm_ref, launch_gemm, GemmLayout, GemmShape};
 use lorafuse::tensor::DType;
 use lorafuse::testing::{rel_err, TestRng};
 use std::sync::Arc;
@@ -17,27 +17,25 @@ fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
-/// Runs the GEMM on `dev` for A [m, lda], B [n, ldb], C [m, ldc] (random data, C poisoned with
-/// NaN first) and returns the relative error of C vs a float64 reference on the same
-/// bf16-rounded inputs. Panics on a launch error.
-pub fn gemm_error(dev: &Arc<dyn Device>, shape: GemmShape, out: DType, seed: u64) -> f64 {
+/// Runs the GEMM on `dev` with A and B stored as `layout` says with leading dimensions lda, ldb
+/// and C [m, ldc] (random data, C poisoned with NaN first) and returns the relative error of C
+/// vs a float64 reference on the same bf16-rounded inputs. Panics on a launch error.
+pub fn gemm_error(dev: &Arc<dyn Device>, shape: GemmShape, layout: GemmLayout, out: DType, seed: u64) -> f64 {
     let mut rng = TestRng::new(seed);
-    let a_full = bf16_round(&rng.vec_f32(shape.m * shape.lda));
-    let b_full = bf16_round(&rng.vec_f32(shape.n * shape.ldb));
+    let ((a_rows, _), (b_rows, _)) = layout.stored_shapes(shape.m, shape.n, shape.k);
+    let a_full = bf16_round(&rng.vec_f32(a_rows * shape.lda));
+    let b_full = bf16_round(&rng.vec_f32(b_rows * shape.ldb));
     let to_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect() };
     let a = DeviceBuffer::from_host(dev, &to_bytes(&a_full)).unwrap();
     let b = DeviceBuffer::from_host(dev, &to_bytes(&b_full)).unwrap();
     let c = DeviceBuffer::new(dev, shape.m * shape.ldc * out.size()).unwrap();
-    c.fill(0xFF).unwrap(); // NaN in f32 and bf16: any element the kernel skips fails the check
-                           // SAFETY: buffers sized from `shape` above.
-    unsafe { launch_gemm(dev.as_ref(), a.ptr(), b.ptr(), c.ptr(), shape, out) }.unwrap();
+    // NaN in f32 and bf16: any element the kernel skips fails the check
+    c.fill(0xFF).unwrap();
+    // SAFETY: buffers sized from `shape` above.
+    unsafe { launch_gemm(dev.as_ref(), a.ptr(), b.ptr(), c.ptr(), shape, layout, out) }.unwrap();
     dev.synchronize().unwrap();
 
-    let dense = |full: &[f32], rows: usize, ld: usize| -> Vec<f32> {
-        (0..rows).flat_map(|r| full[r * ld..r * ld + shape.k].to_vec()).collect()
-    };
-    let want =
-        gemm_ref(&dense(&a_full, shape.m, shape.lda), &dense(&b_full, shape.n, shape.ldb), shape.m, shape.n, shape.k);
+    let want = gemm_ref(&a_full, &b_full, shape, layout);
     let bytes = c.to_host().unwrap();
     let got_full: Vec<f32> = match out {
         DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
