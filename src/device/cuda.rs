@@ -102,6 +102,21 @@ impl Cuda {
         Ok(f)
     }
 
+    /// Device time of `work` in milliseconds, measured with CUDA events on the stream (the
+    /// host-side launch overhead between them is included, host work before is not).
+    pub fn time_ms(&self, mut work: impl FnMut() -> Result<()>) -> Result<f32> {
+        self.bind()?;
+        let start =
+            self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("cuEventCreate"))?;
+        let end =
+            self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("cuEventCreate"))?;
+        start.record(&self.stream).map_err(driver_err("cuEventRecord"))?;
+        work()?;
+        end.record(&self.stream).map_err(driver_err("cuEventRecord"))?;
+        end.synchronize().map_err(driver_err("cuEventSynchronize"))?;
+        start.elapsed_ms(&end).map_err(driver_err("cuEventElapsedTime"))
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(driver_err("binding the CUDA context"))
     }

@@ -1,0 +1,198 @@
+//! Fused vs unfused LoRA linear, forward and forward+backward.
+//!
+//! - CPU (always): our plain frozen linear, the fused CPU op (`ops::lora`, dropout mask
+//!   regenerated chunk by chunk) and a PEFT-style unfused sequence (dropout materialized as a
+//!   copy of x kept for backward), at the shapes of the CPU targets. Throughput is in
+//!   FLOPs of the LoRA linear (criterion's "elem/s" = FLOP/s). Compare with PyTorch + PEFT via
+//!   `scripts/bench_lora_cpu.py` in the same session.
+//! - CUDA (when a device is present): the split-strategy kernels vs the unfused kernels vs the
+//!   base GEMM alone at Llama-7B shapes, timed with CUDA events, warm-up outside the timing.
+//!   Without a device the group prints "skipped: no CUDA device".
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::bf16;
+use lorafuse::device::cuda::{unavailable_reason, Cuda};
+use lorafuse::device::{Backend, Device};
+use lorafuse::ops::gemm::{launch_gemm, GemmLayout, GemmShape};
+use lorafuse::ops::lora::{linear, linear_backward_input, lora_backward, lora_forward, LinearShape, LoraOpConfig};
+use lorafuse::ops::lora_kernels::{self, LoraWeights};
+use lorafuse::ops::lora_unfused;
+use lorafuse::ops::matmul::{gemm, Tr};
+use lorafuse::tensor::{DType, HostData, Tensor};
+use lorafuse::testing::TestRng;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// FLOPs of LoRA forward (base + down + up) and of forward+backward (+ dx base, dS, dB, dA, dS·A).
+fn flops(m: usize, k: usize, n: usize, r: usize, backward: bool) -> u64 {
+    let (m, k, n, r) = (m as u64, k as u64, n as u64, r as u64);
+    let fwd = 2 * m * n * k + 2 * m * r * k + 2 * m * n * r;
+    if backward {
+        fwd + 2 * m * n * k + 2 * m * n * r * 2 + 2 * r * k * m * 2
+    } else {
+        fwd
+    }
+}
+
+/// PEFT's sequence on the CPU: drop(x) materialized and kept, then separate GEMMs.
+fn unfused_cpu_step(
+    x: &[f32],
+    w0: &[f32],
+    a: &[f32],
+    b: &[f32],
+    dy: &[f32],
+    sh: LinearShape,
+    cfg: &LoraOpConfig,
+) -> f32 {
+    let LinearShape { m, k, n } = sh;
+    let r = cfg.r;
+    let s = cfg.scaling();
+    let mask = cfg.mask(3, true);
+    let mut xd = vec![0.0; m * k];
+    mask.apply(0, x, &mut xd);
+    let mut y = linear(x, w0, None, sh).expect("shapes checked");
+    let mut sv = vec![0.0; m * r];
+    gemm(m, r, k, 1.0, &xd, Tr::N, a, Tr::T, 0.0, &mut sv, true);
+    gemm(m, n, r, s, &sv, Tr::N, b, Tr::T, 1.0, &mut y, true);
+    let mut db = vec![0.0; n * r];
+    gemm(n, r, m, s, dy, Tr::T, &sv, Tr::N, 0.0, &mut db, true);
+    let mut ds = vec![0.0; m * r];
+    gemm(m, r, n, s, dy, Tr::N, b, Tr::N, 0.0, &mut ds, true);
+    let mut da = vec![0.0; r * k];
+    gemm(r, k, m, 1.0, &ds, Tr::T, &xd, Tr::N, 0.0, &mut da, true);
+    let mut dxd = vec![0.0; m * k];
+    gemm(m, k, r, 1.0, &ds, Tr::N, a, Tr::N, 0.0, &mut dxd, true);
+    let mut dxl = vec![0.0; m * k];
+    mask.apply(0, &dxd, &mut dxl);
+    let mut dx = linear_backward_input(dy, w0, sh);
+    dx.iter_mut().zip(&dxl).for_each(|(d, l)| *d += l);
+    y[0] + dx[0] + da[0] + db[0]
+}
+
+fn cpu(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lora_cpu");
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    for &(m, k, n, r, p) in &[(512, 1024, 1024, 16, 0.0f32), (512, 1024, 1024, 16, 0.1), (2048, 2048, 2048, 16, 0.1)] {
+        let mut rng = TestRng::new(1);
+        let sh = LinearShape { m, k, n };
+        let (x, w0, a, b, dy) =
+            (rng.vec_f32(m * k), rng.vec_f32(n * k), rng.vec_f32(r * k), rng.vec_f32(n * r), rng.vec_f32(m * n));
+        let cfg = LoraOpConfig { r, alpha: 16.0, dropout: p, use_rslora: false, seed: 5 };
+        let id = format!("m{m}_k{k}_n{n}_r{r}_p{p}");
+        let plain = 4 * (m * n * k) as u64;
+        group.throughput(Throughput::Elements(plain));
+        group.bench_function(BenchmarkId::new("plain_linear_fwd_bwd", &id), |bch| {
+            bch.iter(|| {
+                let y = linear(&x, &w0, None, sh).unwrap();
+                let dx = linear_backward_input(&dy, &w0, sh);
+                y[0] + dx[0]
+            })
+        });
+        group.throughput(Throughput::Elements(flops(m, k, n, r, true)));
+        group.bench_function(BenchmarkId::new("fused_fwd_bwd", &id), |bch| {
+            bch.iter(|| {
+                let f = lora_forward(&x, &w0, None, &a, &b, sh, &cfg, 3, true).unwrap();
+                let g = lora_backward(&dy, &x, &w0, &a, &b, &f.s, sh, &cfg, 3, true, true).unwrap();
+                f.y[0] + g.da[0]
+            })
+        });
+        group.bench_function(BenchmarkId::new("unfused_fwd_bwd", &id), |bch| {
+            bch.iter(|| unfused_cpu_step(&x, &w0, &a, &b, &dy, sh, &cfg))
+        });
+    }
+    group.finish();
+}
+
+fn upload_bf16(dev: &Arc<dyn Device>, shape: &[usize], rng: &mut TestRng) -> Tensor {
+    let n = shape.iter().product();
+    let v = rng.vec_f32(n).iter().map(|&x| bf16::from_f32(x)).collect();
+    Tensor::from_host(shape, HostData::BF16(v)).unwrap().to_backend(&Backend::Device(dev.clone())).unwrap()
+}
+
+fn cuda(c: &mut Criterion) {
+    if let Some(why) = unavailable_reason() {
+        println!("lora_cuda: skipped: no CUDA device ({why})");
+        return;
+    }
+    let cuda = Arc::new(Cuda::new(0).expect("device reported present"));
+    let dev: Arc<dyn Device> = cuda.clone();
+    let mut group = c.benchmark_group("lora_cuda");
+    group.sample_size(20);
+    let mut rng = TestRng::new(2);
+    for &(m, k, n) in &[(4096, 4096, 4096), (4096, 4096, 11008)] {
+        let (x, w0, dy) = (
+            upload_bf16(&dev, &[m, k], &mut rng),
+            upload_bf16(&dev, &[n, k], &mut rng),
+            upload_bf16(&dev, &[m, n], &mut rng),
+        );
+        let y = Tensor::empty(&[m, n], DType::F32, &Backend::Device(dev.clone())).unwrap();
+        let id = format!("m{m}_k{k}_n{n}");
+        group.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+        group.bench_function(BenchmarkId::new("base_gemm", &id), |bch| {
+            bch.iter_custom(|iters| {
+                let run = || unsafe {
+                    launch_gemm(
+                        dev.as_ref(),
+                        x.device_ptr()?,
+                        w0.device_ptr()?,
+                        y.device_ptr()?,
+                        GemmShape::dense(m, n, k),
+                        GemmLayout::Nt,
+                        DType::F32,
+                    )
+                };
+                run().unwrap(); // warm-up outside the timing
+                let ms = cuda.time_ms(|| (0..iters).try_for_each(|_| run())).unwrap();
+                Duration::from_secs_f64(ms as f64 / 1e3)
+            })
+        });
+        for r in [8usize, 16, 64] {
+            let (a, b) = (upload_bf16(&dev, &[r, k], &mut rng), upload_bf16(&dev, &[n, r], &mut rng));
+            let cs = Tensor::from_host(&[r], HostData::F32(vec![2.0; r]))
+                .unwrap()
+                .to_backend(&Backend::Device(dev.clone()))
+                .unwrap();
+            let w = LoraWeights { w0: &w0, a: &a, b: &b, col_scale: &cs };
+            let mask = LoraOpConfig { r, alpha: 16.0, dropout: 0.1, use_rslora: false, seed: 1 }.mask(0, true);
+            let rid = format!("{id}_r{r}");
+            let time = |f: &dyn Fn() -> lorafuse::Result<()>, iters: u64| {
+                f().unwrap();
+                Duration::from_secs_f64(cuda.time_ms(|| (0..iters).try_for_each(|_| f())).unwrap() as f64 / 1e3)
+            };
+            group.throughput(Throughput::Elements(flops(m, k, n, r, false)));
+            group.bench_function(BenchmarkId::new("split_fwd", &rid), |bch| {
+                bch.iter_custom(|i| time(&|| lora_kernels::lora_forward(&dev, &x, &w, &mask, DType::BF16).map(drop), i))
+            });
+            group.bench_function(BenchmarkId::new("unfused_fwd", &rid), |bch| {
+                bch.iter_custom(|i| time(&|| lora_unfused::lora_forward_unfused(&dev, &x, &w, 2.0, &mask).map(drop), i))
+            });
+            group.throughput(Throughput::Elements(flops(m, k, n, r, true)));
+            group.bench_function(BenchmarkId::new("split_fwd_bwd", &rid), |bch| {
+                bch.iter_custom(|i| {
+                    time(
+                        &|| {
+                            let f = lora_kernels::lora_forward(&dev, &x, &w, &mask, DType::BF16)?;
+                            lora_kernels::lora_backward(&dev, &x, &w, &f.s_scaled, &dy, &mask, DType::BF16).map(drop)
+                        },
+                        i,
+                    )
+                })
+            });
+            group.bench_function(BenchmarkId::new("unfused_fwd_bwd", &rid), |bch| {
+                bch.iter_custom(|i| {
+                    time(
+                        &|| {
+                            let f = lora_unfused::lora_forward_unfused(&dev, &x, &w, 2.0, &mask)?;
+                            lora_unfused::lora_backward_unfused(&dev, &x, &w, 2.0, &mask, &f, &dy).map(drop)
+                        },
+                        i,
+                    )
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, cpu, cuda);
+criterion_main!(benches);
