@@ -6,7 +6,8 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: lorafuse <command>
 
 commands:
-  info    device, build path, kernels with their registers and shared memory per architecture";
+  info    device, build path, kernels with their registers and shared memory per architecture
+  report  simulator traffic of each LoRA strategy vs the base GEMM (bytes, tensor-core FLOPs)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -15,6 +16,17 @@ fn main() -> ExitCode {
             info();
             ExitCode::SUCCESS
         }
+        Some("report") => match lorafuse::ops::report::lora_traffic(512, 512, 512, 16, 0.1) {
+            Ok(rows) => {
+                println!("SIMT simulator, M = N = K = 512, r = 16, dropout 0.1 (ratios vs base GEMM; fwd+bwd vs forward + dx GEMMs)\n");
+                print!("{}", lorafuse::ops::report::format_table(&rows));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lorafuse report: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             ExitCode::SUCCESS

@@ -5,3 +5,4 @@ pub mod lora_linear;
 pub mod lora_unfused;
 pub mod matmul;
 pub mod philox;
+pub mod report;
