@@ -34,7 +34,7 @@ const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 /// NVRTC options, minus the include paths. IEEE math on purpose: no `--use_fast_math`, so the
 /// GPU agrees with the simulator and the CPU reference. Also the runtime's options for the
 /// embedded-source path (exported as `NVRTC_OPTIONS`).
-const NVRTC_OPTIONS: [&str; 4] = ["--gpu-architecture=compute_80", "--std=c++17", "-default-device", "-lineinfo"];
+const NVRTC_OPTIONS: [&str; 3] = ["--gpu-architecture=compute_80", "--std=c++17", "-lineinfo"];
 
 /// Written by `scripts/test.sh` into the tool folder once the pinned wheels are installed.
 const TOOLS_STAMP: &str = ".lorafuse-stamp";

@@ -145,7 +145,12 @@ fn compile_at_first_use(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some("compute_80"),
         include_paths,
-        options: vec!["--std=c++17".into(), "-default-device".into()],
+        // The build's own NVRTC options (the architecture goes in `arch`).
+        options: kernels::NVRTC_OPTIONS
+            .iter()
+            .filter(|o| !o.starts_with("--gpu-architecture"))
+            .map(|o| o.to_string())
+            .collect(),
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(m.source, opts).map_err(|e| Error::kernel(m.file, format!("NVRTC: {e:?}")))

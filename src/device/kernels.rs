@@ -2,7 +2,7 @@
 //! and the ptxas resource report per kernel and architecture.
 //!
 //! `build/main.rs` writes `$OUT_DIR/kernels_build.rs`, included below; it defines
-//! [`BUILD_PATH`], [`BUILD_DETAIL`], [`MODULES`], [`HEADERS`] and [`RESOURCES`].
+//! [`BUILD_PATH`], [`BUILD_DETAIL`], [`MODULES`], [`HEADERS`], [`RESOURCES`] and [`NVRTC_OPTIONS`].
 
 /// One `kernels/*.cu` file.
 #[derive(Debug, Clone, Copy)]
