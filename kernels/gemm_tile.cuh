@@ -70,6 +70,24 @@ struct NoTransform {
     __device__ __forceinline__ void operator()(uint4&, int, int) const {}
 };
 
+// Loads the 8-element chunk at (row, col) of the stored matrix with one 16-byte load where it
+// lies inside and `vec` allows, element by element (zero outside the matrix) otherwise.
+__device__ __forceinline__ uint4 load_chunk(const MatrixRef& m, bool vec, int row, int col) {
+    const lf_bf16* src = m.ptr + (long long)row * m.ld + col;
+    if (row < m.rows && vec && col + 8 <= m.cols) return simt::ld_global_nc(reinterpret_cast<const uint4*>(src));
+    unsigned short h[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        h[j] = 0;
+        if (row < m.rows && col + j < m.cols) {
+            lf_bf16 v = simt::ld_global_nc(src + j);
+            h[j] = *reinterpret_cast<unsigned short*>(&v);
+        }
+    }
+    return make_uint4(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16, h[4] | (unsigned)h[5] << 16,
+                      h[6] | (unsigned)h[7] << 16);
+}
+
 // Loads the stored tile at (row0, col0) into registers, zero-filling outside the matrix, and
 // applies `xform(chunk, row, col)` to each 8-element chunk. Chunk c = tid + i·256 covers row
 // c/(COLS/8), columns 8·(c%(COLS/8)) .. +7: a warp reads whole 128- or 256-byte row segments.
@@ -82,22 +100,7 @@ __device__ __forceinline__ void load_tile(uint4 (&regs)[GEMM_CHUNKS], const Matr
         const int c = threadIdx.x + i * GEMM_THREADS;
         const int row = row0 + c / CPR;
         const int col = col0 + (c % CPR) * 8;
-        const lf_bf16* src = m.ptr + (long long)row * m.ld + col;
-        if (row < m.rows && vec && col + 8 <= m.cols) {
-            regs[i] = simt::ld_global_nc(reinterpret_cast<const uint4*>(src));
-        } else {
-            unsigned short h[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                h[j] = 0;
-                if (row < m.rows && col + j < m.cols) {
-                    lf_bf16 v = simt::ld_global_nc(src + j);
-                    h[j] = *reinterpret_cast<unsigned short*>(&v);
-                }
-            }
-            regs[i] = make_uint4(h[0] | (unsigned)h[1] << 16, h[2] | (unsigned)h[3] << 16,
-                                 h[4] | (unsigned)h[5] << 16, h[6] | (unsigned)h[7] << 16);
-        }
+        regs[i] = load_chunk(m, vec, row, col);
         xform(regs[i], row, col);
     }
 }
@@ -138,11 +141,14 @@ __device__ __forceinline__ void load_b_frags(unsigned (&lo)[2], unsigned (&hi)[2
     hi[1] = r[3];
 }
 
-// acc += A tile · B tileᵀ over one K-step: four k16 steps of 4×4 MMAs per warp.
+// acc += A tile · B tileᵀ over one K-step: four k16 steps of 4×4 MMAs per warp. A shorter
+// product (k_len < 64, e.g. a LoRA up-projection of rank ≤ 64) stops after ⌈k_len/16⌉ steps.
 template <bool A_KMAJOR, bool B_KMAJOR>
-__device__ __forceinline__ void mma_tile(GemmAcc& acc, const GemmSmem& s, int warp_m, int warp_n, int lane) {
+__device__ __forceinline__ void mma_tile(GemmAcc& acc, const GemmSmem& s, int warp_m, int warp_n, int lane,
+                                         int k_len = GEMM_BK) {
 #pragma unroll
     for (int ks = 0; ks < GEMM_BK; ks += 16) {
+        if (ks >= k_len) break;
         unsigned af[GEMM_MFRAGS][4];
         unsigned bf[GEMM_NFRAGS][2];
 #pragma unroll

@@ -24,14 +24,6 @@
 
 namespace lf {
 
-__device__ __forceinline__ Dropout dropout_of(const DropoutParams& p) {
-    return Dropout{p.seed, p.offset, p.threshold, p.scale};
-}
-
-__device__ __forceinline__ unsigned word_at(const uint4& w, unsigned i) {
-    return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
-}
-
 // Zeroes the dropped elements of a chunk of x: 8 elements from (row + row_offset, col) of the
 // dense [·, x_cols] matrix. Applied on the way to shared memory, so x is read once.
 struct DropMask {
@@ -39,26 +31,9 @@ struct DropMask {
     int x_cols;
     int row_offset;
     __device__ __forceinline__ void operator()(uint4& chunk, int row, int col) const {
-        if (!d.active()) return;
-        unsigned short* h = reinterpret_cast<unsigned short*>(&chunk);
-        const unsigned long long e0 = (unsigned long long)(row + row_offset) * x_cols + col;
-        unsigned long long q = e0 >> 2;
-        uint4 w = d.words(q);  // 8 consecutive elements span at most 3 Philox groups
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const unsigned long long e = e0 + j;
-            if ((e >> 2) != q) {
-                q = e >> 2;
-                w = d.words(q);
-            }
-            if (word_at(w, (unsigned)(e & 3)) < d.threshold) h[j] = 0;
-        }
+        if (d.active()) d.mask_chunk(chunk, (unsigned long long)(row + row_offset) * x_cols + col);
     }
 };
-
-__device__ __forceinline__ float drop_scale(const DropoutParams& p) {
-    return p.threshold != 0 ? p.scale : 1.0f;
-}
 
 // Rows of split z over M: [z·split_rows, min(m, (z+1)·split_rows)).
 __device__ __forceinline__ int split_len(int m, int split_rows, int z) {
@@ -75,9 +50,9 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_down(const LoraF
     __shared__ __align__(16) GemmSmem smem;
     const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN;
     GemmAcc acc = {};
-    const Operand<false, DropMask> x{MatrixRef{p.x, p.m, p.k, p.k}, DropMask{dropout_of(p.dropout), p.k, 0}};
+    const Operand<false, DropMask> x{MatrixRef{p.x, p.m, p.k, p.k}, DropMask{Dropout::from(p.dropout), p.k, 0}};
     gemm_mainloop(acc, smem, x, operand<false>(p.a, p.r, p.k, p.k), p.k, block_m, block_n, NoOnTile{});
-    const float ds = drop_scale(p.dropout);
+    const float ds = Dropout::from(p.dropout).kept_scale();
     gemm_epilogue(acc, block_m, block_n, p.m, p.r, [&](int row, int col, float v0, float v1) {
         const bool pair = col + 1 < p.r;
         const long long idx = (long long)row * p.r + col;
@@ -153,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_bwd_da(const Lor
     const int rows = split_len(p.m, p.split_rows, z);
     const long long row0 = (long long)z * p.split_rows;
     const Operand<true, DropMask> x{MatrixRef{p.x + row0 * p.k, rows, p.k, p.k},
-                                    DropMask{dropout_of(p.dropout), p.k, (int)row0}};
+                                    DropMask{Dropout::from(p.dropout), p.k, (int)row0}};
     GemmAcc acc = {};
     gemm_mainloop(acc, smem, operand<true>(p.ds + row0 * p.r, rows, p.r, p.r), x, rows, block_m, block_n, NoOnTile{});
     store_tile_c(acc, p.workspace + (long long)z * p.r * p.k, p.k, block_m, block_n, p.r, p.k);
@@ -170,7 +145,7 @@ __device__ __forceinline__ void lora_bwd_dx(const LoraBackwardParams& p) {
     GemmAcc acc = {};
     gemm_mainloop(acc, smem, operand<false>(p.ds, p.m, p.r, p.r), operand<true>(p.a, p.r, p.k, p.k), p.r, block_m,
                   block_n, NoOnTile{});
-    const Dropout d = dropout_of(p.dropout);
+    const Dropout d = Dropout::from(p.dropout);
     if (d.active()) {
         unsigned long long q = ~0ull;  // accumulators come in column pairs: reuse the group
         uint4 w = make_uint4(0, 0, 0, 0);
@@ -180,7 +155,7 @@ __device__ __forceinline__ void lora_bwd_dx(const LoraBackwardParams& p) {
                 q = e >> 2;
                 w = d.words(q);
             }
-            v = word_at(w, (unsigned)(e & 3)) >= d.threshold ? v * d.scale : 0.0f;
+            v = philox_word(w, (unsigned)(e & 3)) >= d.threshold ? v * d.scale : 0.0f;
         });
     }
     gemm_mainloop(acc, smem, operand<false>(p.dy, p.m, p.n, p.n), operand<true>(p.w0, p.n, p.k, p.k), p.n, block_m,

@@ -8,6 +8,7 @@
 // threshold = round(p·2³²) (0 keeps all); kept values scale by 1/(1-p).
 #pragma once
 #include "simt.h"
+#include "params.h"
 
 namespace lf {
 
@@ -26,6 +27,11 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, unsigned k0, unsigned 
     return ctr;
 }
 
+// Word i (0..3) of a Philox output.
+__device__ __forceinline__ unsigned philox_word(const uint4& w, unsigned i) {
+    return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
+}
+
 // Dropout parameters as the kernels receive them (see DropoutParams in params.h).
 struct Dropout {
     unsigned long long seed;
@@ -33,13 +39,36 @@ struct Dropout {
     unsigned threshold;  // 0: dropout off
     float scale;         // 1/(1-p)
 
+    static __device__ __forceinline__ Dropout from(const DropoutParams& p) {
+        return Dropout{p.seed, p.offset, p.threshold, p.scale};
+    }
+
     __device__ __forceinline__ bool active() const { return threshold != 0; }
+    // The factor of kept values: 1/(1-p), or 1 when dropout is off.
+    __device__ __forceinline__ float kept_scale() const { return active() ? scale : 1.0f; }
 
     // The 4 random words of the group of elements 4q .. 4q+3.
     __device__ __forceinline__ uint4 words(unsigned long long q) const {
         return philox4x32_10(make_uint4((unsigned)q, (unsigned)(q >> 32), (unsigned)offset,
                                         (unsigned)(offset >> 32)),
                              (unsigned)seed, (unsigned)(seed >> 32));
+    }
+
+    // Zeroes the dropped elements among the 8 bf16 of `chunk`, elements e0 .. e0+7 of x (exact:
+    // the 1/(1-p) is applied later in f32). 8 consecutive elements span at most 3 groups.
+    __device__ __forceinline__ void mask_chunk(uint4& chunk, unsigned long long e0) const {
+        unsigned short* h = reinterpret_cast<unsigned short*>(&chunk);
+        unsigned long long q = e0 >> 2;
+        uint4 w = words(q);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const unsigned long long e = e0 + j;
+            if ((e >> 2) != q) {
+                q = e >> 2;
+                w = words(q);
+            }
+            if (philox_word(w, (unsigned)(e & 3)) < threshold) h[j] = 0;
+        }
     }
 
     // Multiplier of element e: 0 if dropped, `scale` if kept.

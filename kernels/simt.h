@@ -96,7 +96,7 @@ SIMT_LDMATRIX(ldmatrix_x4_trans, "x4.trans", 4, "{%0,%1,%2,%3}", SIMT_R4)
 // fibers; TSan must not see those accesses, or it would report them and, worse, the scheduler
 // would take part in happens-before edges and hide real races (SIMULATOR.md pitfall 5).
 #if defined(__SANITIZE_THREAD__)
-#define SIMT_NO_TSAN __attribute__((no_sanitize("thread"), noinline))
+#define SIMT_NO_TSAN inline __attribute__((no_sanitize("thread"), noinline))
 #else
 #define SIMT_NO_TSAN inline __attribute__((always_inline))
 #endif

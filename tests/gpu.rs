@@ -26,7 +26,15 @@ fn gemm_bf16(dev: &Arc<dyn Device>) {
     assert!(err <= GEMM_BF16_TOL, "rel err {err:e}");
 }
 
-const CHECKS: &[(&str, Check)] = &[("gemm_f32", gemm_f32), ("gemm_bf16", gemm_bf16)];
+fn lora_split_and_unfused(dev: &Arc<dyn Device>) {
+    use common::lora::{run_case, Case};
+    run_case(dev, &Case { m: 130, n: 70, k: 200, r: 16, p: 0.1 }, 1);
+    run_case(dev, &Case { m: 1, n: 33, k: 64, r: 64, p: 0.5 }, 2);
+    run_case(dev, &Case { m: 513, n: 1030, k: 520, r: 8, p: 0.0 }, 3);
+}
+
+const CHECKS: &[(&str, Check)] =
+    &[("gemm_f32", gemm_f32), ("gemm_bf16", gemm_bf16), ("lora_split_and_unfused", lora_split_and_unfused)];
 
 fn main() {
     if let Some(why) = unavailable_reason() {

@@ -41,11 +41,11 @@ pub struct LoraWeights<'a> {
 
 /// Sizes shared by forward and backward.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    m: usize,
-    n: usize,
-    k: usize,
-    r: usize,
+pub(crate) struct Dims {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) r: usize,
 }
 
 fn expect(t: &Tensor, name: &str, shape: &[usize], dtype: DType) -> Result<()> {
@@ -58,7 +58,7 @@ fn expect(t: &Tensor, name: &str, shape: &[usize], dtype: DType) -> Result<()> {
     Ok(())
 }
 
-fn dims(x: &Tensor, w: &LoraWeights) -> Result<Dims> {
+pub(crate) fn dims(x: &Tensor, w: &LoraWeights) -> Result<Dims> {
     let (xs, ws, as_) = (x.shape(), w.w0.shape(), w.a.shape());
     if xs.len() != 2 || ws.len() != 2 || as_.len() != 2 {
         return Err(Error::shape("lora", format!("x {xs:?}, W0 {ws:?}, A {as_:?} must be matrices")));
@@ -75,7 +75,7 @@ fn dims(x: &Tensor, w: &LoraWeights) -> Result<Dims> {
     Ok(d)
 }
 
-fn grid(cols: usize, rows: usize, z: usize) -> Result<LaunchConfig> {
+pub(crate) fn grid(cols: usize, rows: usize, z: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid: (blocks_for(cols, TILE)?, blocks_for(rows, TILE)?, z as u32),
         block: (THREADS, 1, 1),
@@ -83,7 +83,7 @@ fn grid(cols: usize, rows: usize, z: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn out_kernel(base: &str, out: DType) -> Result<String> {
+pub(crate) fn out_kernel(base: &str, out: DType) -> Result<String> {
     match out {
         DType::F32 => Ok(format!("{base}_f32out")),
         DType::BF16 => Ok(format!("{base}_bf16out")),
@@ -118,7 +118,7 @@ pub fn lora_forward(
     let s = Tensor::empty(&[d.m, d.r], DType::F32, &backend)?;
     let s_scaled = Tensor::empty(&[d.m, d.r], DType::BF16, &backend)?;
     let kernel = out_kernel("lora_fwd_split", out)?;
-    if d.m == 0 || d.n == 0 {
+    if d.m == 0 {
         return Ok(LoraForward { y, s, s_scaled });
     }
     let p = LoraForwardParams {
@@ -141,7 +141,9 @@ pub fn lora_forward(
         if d.r > 0 {
             dev.launch("lora_down", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
         }
-        dev.launch(&kernel, &grid(d.n, d.m, 1)?, ParamBytes::new(&p))?;
+        if d.n > 0 {
+            dev.launch(&kernel, &grid(d.n, d.m, 1)?, ParamBytes::new(&p))?;
+        }
     }
     Ok(LoraForward { y, s, s_scaled })
 }

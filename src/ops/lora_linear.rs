@@ -38,6 +38,7 @@
 
 use crate::device::Backend;
 use crate::ops::lora::{self, LinearShape, LoraOpConfig};
+use crate::ops::lora_fused;
 use crate::ops::lora_kernels::{self, LoraWeights};
 use crate::ops::lora_unfused::{self, UnfusedForward};
 use crate::ops::philox::DropoutMask;
@@ -51,6 +52,10 @@ pub enum Strategy {
     /// `lora_down` (S from one read of x, dropout in registers) then the base GEMM with the
     /// up-projection as extra K columns (LoRAFusion's arrangement).
     Split,
+    /// One kernel: the base GEMM's main loop also accumulates S from the x tiles in shared
+    /// memory, the epilogue adds the up-projection (r ≤ 64; best without dropout and for small
+    /// N, see kernels/lora_fused.cu). Backward is the split strategy's.
+    SinglePass,
     /// PEFT's sequence of separate kernels with a materialized dropout copy (the baseline).
     Unfused,
 }
@@ -167,10 +172,14 @@ impl LoraLinear {
                 (Tensor::from_host(&[sh.m, sh.n], HostData::F32(f.y))?, Saved::Cpu { s: f.s })
             }
             Backend::Device(dev) => match self.strategy {
-                Strategy::Split => {
+                Strategy::Split | Strategy::SinglePass => {
                     let cs = self.col_scale(backend)?;
                     let w = LoraWeights { w0: p.w0, a: p.a, b: p.b, col_scale: &cs };
-                    let f = lora_kernels::lora_forward(dev, x, &w, &mask, DType::F32)?;
+                    let f = if self.strategy == Strategy::Split {
+                        lora_kernels::lora_forward(dev, x, &w, &mask, DType::F32)?
+                    } else {
+                        lora_fused::lora_forward_fused(dev, x, &w, &mask, DType::F32)?
+                    };
                     (f.y, Saved::Fused { s_scaled: f.s_scaled })
                 }
                 Strategy::Unfused => {

@@ -1,5 +1,6 @@
 pub mod gemm;
 pub mod lora;
+pub mod lora_fused;
 pub mod lora_kernels;
 pub mod lora_linear;
 pub mod lora_unfused;

@@ -5,6 +5,7 @@
 use crate::device::sim::{Schedule, Sim, SimStats};
 use crate::device::{Backend, Device};
 use crate::ops::gemm::{launch_gemm, GemmLayout, GemmShape};
+use crate::ops::lora_fused;
 use crate::ops::lora_kernels::{self, LoraWeights};
 use crate::ops::lora_unfused;
 use crate::ops::philox::DropoutMask;
@@ -21,7 +22,7 @@ pub struct ReportRow {
     pub stats: SimStats,
 }
 
-/// Runs base GEMM, fused (split) and unfused LoRA forward and forward+backward in the
+/// Runs base GEMM, fused (split, single pass) and unfused LoRA forward and forward+backward in the
 /// simulator on x [m,k], W0 [n,k], rank r, dropout p, and returns their counters.
 pub fn lora_traffic(m: usize, n: usize, k: usize, r: usize, p: f32) -> Result<Vec<ReportRow>> {
     let dev: Arc<dyn Device> = Arc::new(Sim::new(Schedule::Lockstep));
@@ -55,6 +56,9 @@ pub fn lora_traffic(m: usize, n: usize, k: usize, r: usize, p: f32) -> Result<Ve
         )
     })?;
     measure("fused (split) forward", &mut || lora_kernels::lora_forward(&dev, &x, &w, &mask, DType::F32).map(drop))?;
+    measure("fused (single pass) fwd", &mut || {
+        lora_fused::lora_forward_fused(&dev, &x, &w, &mask, DType::F32).map(drop)
+    })?;
     measure("unfused forward", &mut || lora_unfused::lora_forward_unfused(&dev, &x, &w, 2.0, &mask).map(drop))?;
     measure("base dx GEMM dy·W0", &mut || unsafe {
         let out = Tensor::empty(&[m, k], DType::F32, &backend)?;

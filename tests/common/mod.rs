@@ -2,6 +2,8 @@
 //! run on every device.
 #![allow(dead_code)]
 
+pub mod lora;
+
 use half::bf16;
 use lorafuse::device::{Device, DeviceBuffer};
 use lorafuse::ops::gemm::{gemm_ref, launch_gemm, GemmLayout, GemmShape};

@@ -60,6 +60,8 @@ void __tsan_destroy_fiber(void* fiber) __attribute__((weak));
 void __tsan_switch_to_fiber(void* fiber, unsigned flags) __attribute__((weak));
 void __tsan_acquire(void* addr) __attribute__((weak));
 void __tsan_release(void* addr) __attribute__((weak));
+void __tsan_ignore_thread_begin(void) __attribute__((weak));
+void __tsan_ignore_thread_end(void) __attribute__((weak));
 }
 
 namespace simt {
@@ -199,8 +201,25 @@ struct Fiber : LaneState {
     int bar_op = 0, bar_pred = 0, bar_result = 0, bar_parity = 0;
     Collective coll{};
     uint32_t in[10] = {}, out[4] = {};
-    unsigned coll_parity = 0;            // TSan: which of its two tokens this collective uses
-    uint32_t acq_mask = 0, acq_parity = 0;  // TSan: participants' tokens to acquire after it
+    unsigned coll_parity = 0;  // TSan: which of its two tokens a group led by this lane uses
+    int tsan_ignores = 0;      // TSan: open TsanIgnoreScopes (they nest via fault())
+};
+
+// no_sanitize("thread") does not reach libc interceptors (memcpy, snprintf) nor lambdas, so the
+// runtime entry points called from kernel code make TSan ignore their memory accesses (not
+// their explicit release/acquire). The ignore state is per TSan fiber.
+struct TsanIgnoreScope {
+    Fiber* f;
+    SIMT_RT explicit TsanIgnoreScope(Fiber* fiber) : f(fiber) {
+        if (!__tsan_ignore_thread_begin) return;
+        __tsan_ignore_thread_begin();
+        f->tsan_ignores++;
+    }
+    SIMT_RT ~TsanIgnoreScope() {
+        if (!__tsan_ignore_thread_end) return;
+        __tsan_ignore_thread_end();
+        f->tsan_ignores--;
+    }
 };
 
 struct Launch {
@@ -215,14 +234,14 @@ struct Launch {
     char start_token = 0, done_token = 0;  // TSan: launcher -> all fibers -> launcher
 };
 
-uint64_t splitmix64(uint64_t& s) {
+SIMT_RT uint64_t splitmix64(uint64_t& s) {
     uint64_t z = (s += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
 
-const char* coll_name(const Collective& c) {
+SIMT_RT const char* coll_name(const Collective& c) {
     static const char* const names[] = {"__syncwarp",    "__shfl_sync",     "__shfl_up_sync",
                                         "__shfl_down_sync", "__shfl_xor_sync", "__ballot_sync",
                                         "__any_sync",    "__all_sync",      "mma.m16n8k16.bf16",
@@ -230,12 +249,12 @@ const char* coll_name(const Collective& c) {
     return names[c.kind];
 }
 
-const char* base_name(const char* path) {
+SIMT_RT const char* base_name(const char* path) {
     const char* s = strrchr(path, '/');
     return s ? s + 1 : path;
 }
 
-bool same_site(const char* f1, int l1, const char* f2, int l2) {
+SIMT_RT bool same_site(const char* f1, int l1, const char* f2, int l2) {
     return l1 == l2 && (f1 == f2 || strcmp(f1, f2) == 0);
 }
 
@@ -244,7 +263,7 @@ struct Worker {
     Context sched;
     std::vector<Fiber*> fibers;
     size_t stack_size;
-    const Launch* launch = nullptr;
+    Launch* launch = nullptr;
     // Current block.
     uint3 bid{};
     unsigned n = 0, nwarps = 0, nexited = 0, nbarrier = 0, nready = 0, cursor = 0;
@@ -292,7 +311,9 @@ struct Worker {
             }
             mprotect(mem, page, PROT_NONE);
             f->ctx.stack_lo = mem + page;
-            f->ctx.stack_size = stack_size;
+            // Stagger the stack tops: at equal offsets mod 4 KiB every fiber's hot frames
+            // would compete for the same cache sets.
+            f->ctx.stack_size = stack_size - (fibers.size() * 64 * 7) % 4096;
             if (tsan_active()) f->ctx.tsan_fiber = __tsan_create_fiber(0);
             ctx_init(f->ctx, fiber_main, f);
             fibers.push_back(f);
@@ -304,8 +325,10 @@ struct Worker {
         if (__asan_unpoison_memory_region) __asan_unpoison_memory_region(f->ctx.stack_lo, f->ctx.stack_size);
         if (f->ctx.tsan_fiber) {
             // Publish the dead fiber's history to the next blocks (as a normal exit would), then
-            // replace it: its TSan shadow call stack still holds the abandoned frames.
+            // replace it: its TSan shadow call stack still holds the abandoned frames. Its open
+            // ignore scopes must end, or TSan reports the fiber's death.
             __tsan_switch_to_fiber(f->ctx.tsan_fiber, kTsanNoSync);
+            for (; f->tsan_ignores > 0; f->tsan_ignores--) __tsan_ignore_thread_end();
             __tsan_release(&chain_token);
             __tsan_switch_to_fiber(sched.tsan_fiber, kTsanNoSync);
             __tsan_destroy_fiber(f->ctx.tsan_fiber);
@@ -386,15 +409,9 @@ struct Worker {
 
         bool ok = true;
         for (;;) {
-            while (nready && !failed) {
-                const unsigned i = pick();
-                ready[i >> 5] &= ~(1u << (i & 31));
-                --nready;
-                Fiber* f = fibers[i];
-                f->state = kRunning;
-                g_lane = f;
-                ctx_switch(sched, f->ctx);
-            }
+            // Fibers hand over to each other directly (see yield); control comes back here
+            // when nothing is ready or the block failed.
+            if (nready && !failed) ctx_switch(sched, take_next()->ctx);
             if (failed) { ok = false; break; }
             if (nexited == n) break;
             if (!release_barrier()) { ok = false; break; }
@@ -409,6 +426,17 @@ struct Worker {
     SIMT_RT void shuffle_ranks() {
         for (unsigned w = 0; w < nwarps; ++w) rank[w] = static_cast<unsigned char>(w);
         for (unsigned w = nwarps; w > 1; --w) std::swap(rank[w - 1], rank[splitmix64(rng) % w]);
+    }
+
+    // Removes the next fiber to run from the ready set and makes it current.
+    SIMT_RT Fiber* take_next() {
+        const unsigned i = pick();
+        ready[i >> 5] &= ~(1u << (i & 31));
+        --nready;
+        Fiber* f = fibers[i];
+        f->state = kRunning;
+        g_lane = f;
+        return f;
     }
 
     // The next fiber to run, by schedule. `ready` holds one bit per thread.
@@ -539,7 +567,13 @@ struct Worker {
 
     // ---- fiber side ------------------------------------------------------------------------
 
-    SIMT_RT void yield(Fiber* me) { ctx_switch(me->ctx, sched); }
+    // Switches straight to the next ready fiber (one context switch per switch point), or back
+    // to the scheduler when there is none.
+    SIMT_RT void yield(Fiber* me) {
+        if (failed || !nready) return ctx_switch(me->ctx, sched);
+        Fiber* next = take_next();
+        if (next != me) ctx_switch(me->ctx, next->ctx);
+    }
 
     [[noreturn]] SIMT_RT void abandon(Fiber* me) {
         ctx_switch(me->ctx, sched);
@@ -563,14 +597,7 @@ struct Worker {
             }
         }
         evaluate(me->coll, lanes, eff);
-        uint32_t parity = 0;
-        for (uint32_t m = eff; m; m &= m - 1) parity |= lanes[__builtin_ctz(m)]->coll_parity << __builtin_ctz(m);
-        for (uint32_t m = eff; m; m &= m - 1) {
-            Fiber* o = lanes[__builtin_ctz(m)];
-            o->state = kReady;
-            o->acq_mask = eff;
-            o->acq_parity = parity;
-        }
+        for (uint32_t m = eff; m; m &= m - 1) lanes[__builtin_ctz(m)]->state = kReady;
         arrived[wi] &= ~eff;
         ready[wi] |= eff;
         nready += unsigned(__builtin_popcount(eff));
@@ -585,12 +612,13 @@ SIMT_RT void Worker::fiber_main(void* arg) {
     if (__sanitizer_finish_switch_fiber) __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
     for (;;) {
         Worker* w = f->w;
-        Launch* L = const_cast<Launch*>(w->launch);
+        Launch* L = w->launch;
         tsan_acquire(&L->start_token);
         tsan_acquire(&w->chain_token);
         f->in_kernel = true;
         L->kernel.entry(L->params);
         f->in_kernel = false;
+        TsanIgnoreScope ignore(f);  // scheduling code runs on this fiber until the next block
         tsan_release(&w->chain_token);
         tsan_release(&L->done_token);
         f->state = kExited;
@@ -601,7 +629,7 @@ SIMT_RT void Worker::fiber_main(void* arg) {
 
 // ---- warp collective semantics -------------------------------------------------------------
 
-inline float half_bits_to_f32(uint32_t h, bool bf16) {
+SIMT_RT inline float half_bits_to_f32(uint32_t h, bool bf16) {
     return bf16 ? bf16_bits_to_f32(uint16_t(h)) : f16_bits_to_f32(uint16_t(h));
 }
 
@@ -698,6 +726,8 @@ struct Pool {
     unsigned wanted = 0, finished = 0, started = 0;
 
     void thread_main(unsigned idx) {
+        // A worker thread only schedules: TSan must never see its accesses (pitfall 5).
+        if (__tsan_ignore_thread_begin) __tsan_ignore_thread_begin();
         Worker* w = new Worker;  // lives as long as the process; its fibers belong to this thread
         uint64_t seen = 0;
         std::unique_lock<std::mutex> lk(mu);
@@ -751,6 +781,7 @@ unsigned default_workers() {
 
 SIMT_RT int block_barrier(int op, int pred, const char* file, int line) {
     Fiber* me = static_cast<Fiber*>(g_lane);
+    TsanIgnoreScope ignore(me);
     Worker* w = me->w;
     me->state = kAtBarrier;
     me->file = file;
@@ -767,6 +798,7 @@ SIMT_RT int block_barrier(int op, int pred, const char* file, int line) {
 
 SIMT_RT void warp_collective(const Collective& c, const uint32_t* in, uint32_t* out) {
     Fiber* me = static_cast<Fiber*>(g_lane);
+    TsanIgnoreScope ignore(me);
     Worker* w = me->w;
     const unsigned wi = me->warp;
     const uint32_t eff = c.mask & w->existing[wi];
@@ -781,24 +813,29 @@ SIMT_RT void warp_collective(const Collective& c, const uint32_t* in, uint32_t* 
     me->coll = c;
     me->file = c.file;
     me->line = c.line;
-    memcpy(me->in, in, sizeof(uint32_t) * unsigned(c.words));
+    if (c.words) memcpy(me->in, in, sizeof(uint32_t) * unsigned(c.words));
     me->state = kAtCollective;
     w->arrived[wi] |= 1u << me->lane;
-    tsan_release(&w->lane_token[me->linear][me->coll_parity]);
+    // Everything the group's lanes did before the collective happens before what follows it.
+    // The group's token belongs to its lowest lane and alternates with that lane's collectives
+    // (a lane is in one pending group at a time), so consecutive groups never share a token.
+    const Fiber* leader = w->fibers[32 * wi + unsigned(__builtin_ctz(eff))];
+    char* token = &w->lane_token[leader->linear][leader->coll_parity];
+    tsan_release(token);
     if ((w->arrived[wi] & eff) == eff) w->complete(wi, eff, me);
     w->yield(me);
-    // Everything the group's lanes did before the collective happens before what follows it.
-    if (__tsan_acquire)
-        for (uint32_t m = me->acq_mask; m; m &= m - 1) {
-            const unsigned j = unsigned(__builtin_ctz(m));
-            __tsan_acquire(&w->lane_token[32 * wi + j][me->acq_parity >> j & 1]);
-        }
+    tsan_acquire(token);
     me->coll_parity ^= 1;
-    if (out) memcpy(out, me->out, 16);
+    const int out_words = c.kind == kMmaBf16 || c.kind == kMmaF16 ? 4
+                          : c.kind == kLdmatrix                 ? c.arg
+                          : c.kind >= kBallot                   ? 1
+                                                                : c.words;  // shuffles; syncwarp: 0
+    if (out_words) memcpy(out, me->out, sizeof(uint32_t) * unsigned(out_words));
 }
 
 SIMT_RT void fault(const char* file, int line, const char* fmt, ...) {
     Fiber* me = static_cast<Fiber*>(g_lane);
+    TsanIgnoreScope ignore(me);  // ended by reset_fiber: this fiber is abandoned
     char msg[512], t[48];
     va_list ap;
     va_start(ap, fmt);
@@ -809,6 +846,9 @@ SIMT_RT void fault(const char* file, int line, const char* fmt, ...) {
 }
 
 KernelRegistrar::KernelRegistrar(const char* name, unsigned long long params_size, KernelEntry entry) {
+    // The same .cu may be compiled into two translation units: register the name once.
+    for (const KernelInfo& k : registry())
+        if (strcmp(k.name, name) == 0) return;
     registry().push_back(KernelInfo{name, params_size, entry});
 }
 
