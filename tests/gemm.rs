@@ -88,3 +88,32 @@ fn gemm_rejects_bad_shapes() {
     };
     assert!(err.unwrap_err().to_string().contains("leading dimensions"));
 }
+
+#[test]
+fn launches_a_gpu_would_refuse_are_errors() {
+    use lorafuse::device::{LaunchConfig, ParamBytes};
+    let dev = sim(Schedule::Lockstep);
+    let buf = lorafuse::device::DeviceBuffer::new(&dev, 4096).unwrap();
+    let p = lorafuse::device::params::GemmParams {
+        a: buf.ptr().as_ptr(),
+        b: buf.ptr().as_ptr(),
+        c: buf.ptr().as_mut_ptr(),
+        m: 1,
+        n: 1,
+        k: 1,
+        lda: 1,
+        ldb: 1,
+        ldc: 1,
+        alpha: 1.0,
+    };
+    let launch = |block: u32, smem: u32| {
+        let cfg = LaunchConfig { grid: (1, 1, 1), block: (block, 1, 1), dynamic_smem_bytes: smem };
+        // SAFETY: refused before any thread runs, or a 1×1×1 product inside `buf`.
+        unsafe { dev.launch("gemm_bf16_f32out", &cfg, ParamBytes::new(&p)) }
+    };
+    let too_many_threads = launch(2048, 0).unwrap_err().to_string();
+    assert!(too_many_threads.contains("2048"), "{too_many_threads}");
+    let too_much_smem = launch(256, 200 * 1024).unwrap_err().to_string();
+    assert!(too_much_smem.contains("shared memory"), "{too_much_smem}");
+    launch(256, 0).expect("a valid launch");
+}

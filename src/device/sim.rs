@@ -93,6 +93,30 @@ pub fn kernel_names() -> Vec<String> {
 
 const ALIGN: usize = 256; // as cudaMalloc: enough for any vector access
 
+/// Static shared memory a block may declare, and static + dynamic per block (sm_90; sm_80 allows
+/// 163 KiB dynamic, which kernels that need more than that must not exceed either).
+const STATIC_SMEM_LIMIT: u32 = 48 * 1024;
+const TOTAL_SMEM_LIMIT: u32 = 227 * 1024;
+
+/// Refuses launches a GPU would refuse for shared memory, using ptxas' count of the kernel's
+/// static shared memory (the host build cannot measure it; without a ptxas report only the
+/// dynamic size is checked, by the runtime).
+fn check_shared_memory(kernel: &str, dynamic: u32) -> Result<()> {
+    let static_bytes = super::kernels::RESOURCES.iter().filter(|r| r.kernel == kernel).map(|r| r.shared_bytes).max();
+    if let Some(st) = static_bytes {
+        if st > STATIC_SMEM_LIMIT {
+            return Err(Error::kernel(kernel, format!("static shared memory {st} B exceeds {STATIC_SMEM_LIMIT} B")));
+        }
+        if st + dynamic > TOTAL_SMEM_LIMIT {
+            return Err(Error::kernel(
+                kernel,
+                format!("shared memory {st} B static + {dynamic} B dynamic exceeds {TOTAL_SMEM_LIMIT} B per block"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The simulator device.
 #[derive(Debug)]
 pub struct Sim {
@@ -181,6 +205,7 @@ impl Device for Sim {
         Ok(())
     }
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, params: ParamBytes<'_>) -> Result<()> {
+        check_shared_memory(kernel, cfg.dynamic_smem_bytes)?;
         let name = CString::new(kernel).map_err(|_| Error::kernel(kernel, "name contains NUL"))?;
         let (schedule, seed) = match self.schedule {
             Schedule::Lockstep => (0, 0),
