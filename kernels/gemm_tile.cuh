@@ -166,10 +166,21 @@ __device__ __forceinline__ void mma_tile(GemmAcc& acc, const GemmSmem& s, int wa
 
 // One operand of the main loop: the stored matrix, whether it is K-major, and the transform
 // applied to its chunks on the way to shared memory.
+//
+// gemm_mainloop takes any operand type with this interface (Nf4Operand in nf4.cuh is another):
+//   static constexpr bool kKMajor;  Regs (what one thread stages between load and store);
+//   load(regs, row0, col0): issue the global loads of the stored tile at (row0, col0);
+//   store(tile, regs): finish the tile chunks and write them to shared memory.
 template <bool KMAJOR, class Xform = NoTransform>
 struct Operand {
+    static constexpr bool kKMajor = KMAJOR;
+    using Regs = uint4[GEMM_CHUNKS];
     MatrixRef m;
     Xform xform;
+    __device__ __forceinline__ void load(Regs& r, int row0, int col0) const {
+        load_tile<KMAJOR>(r, m, m.vector_ok(), row0, col0, xform);
+    }
+    __device__ __forceinline__ void store(lf_bf16* tile, const Regs& r) const { store_tile<KMAJOR>(tile, r); }
 };
 
 template <bool KMAJOR>
@@ -180,30 +191,30 @@ __device__ __forceinline__ Operand<KMAJOR> operand(const lf_bf16* ptr, int rows,
 // acc += A·Bᵀ over k in [0, k) for the C tile at (block_m, block_n). `on_tile(s, k0)` runs once
 // per K-step while both tiles are in shared memory (between the barriers), so fused kernels can
 // use the same A tile for a second product; pass a no-op otherwise.
-template <bool A_KMAJOR, class AX, bool B_KMAJOR, class BX, class OnTile>
-__device__ __forceinline__ void gemm_mainloop(GemmAcc& acc, GemmSmem& s, const Operand<A_KMAJOR, AX>& a,
-                                              const Operand<B_KMAJOR, BX>& b, int k, int block_m,
-                                              int block_n, OnTile on_tile) {
+template <class AOp, class BOp, class OnTile>
+__device__ __forceinline__ void gemm_mainloop(GemmAcc& acc, GemmSmem& s, const AOp& a, const BOp& b, int k,
+                                              int block_m, int block_n, OnTile on_tile) {
+    constexpr bool A_KMAJOR = AOp::kKMajor;
+    constexpr bool B_KMAJOR = BOp::kKMajor;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int warp_m = (warp / 4) * GEMM_WARP_M;
     const int warp_n = (warp % 4) * GEMM_WARP_N;
-    const bool a_vec = a.m.vector_ok();
-    const bool b_vec = b.m.vector_ok();
     // Stored coordinates of the tile at K offset k0.
-    auto a_at = [&](uint4 (&r)[GEMM_CHUNKS], int k0) {
-        load_tile<A_KMAJOR>(r, a.m, a_vec, A_KMAJOR ? k0 : block_m, A_KMAJOR ? block_m : k0, a.xform);
+    auto a_at = [&](typename AOp::Regs& r, int k0) {
+        a.load(r, A_KMAJOR ? k0 : block_m, A_KMAJOR ? block_m : k0);
     };
-    auto b_at = [&](uint4 (&r)[GEMM_CHUNKS], int k0) {
-        load_tile<B_KMAJOR>(r, b.m, b_vec, B_KMAJOR ? k0 : block_n, B_KMAJOR ? block_n : k0, b.xform);
+    auto b_at = [&](typename BOp::Regs& r, int k0) {
+        b.load(r, B_KMAJOR ? k0 : block_n, B_KMAJOR ? block_n : k0);
     };
 
-    uint4 ra[GEMM_CHUNKS], rb[GEMM_CHUNKS];
+    typename AOp::Regs ra;
+    typename BOp::Regs rb;
     a_at(ra, 0);
     b_at(rb, 0);
     for (int k0 = 0; k0 < k; k0 += GEMM_BK) {
-        store_tile<A_KMAJOR>(s.a, ra);
-        store_tile<B_KMAJOR>(s.b, rb);
+        a.store(s.a, ra);
+        b.store(s.b, rb);
         __syncthreads();  // tile visible to every warp
         if (k0 + GEMM_BK < k) {
             a_at(ra, k0 + GEMM_BK);

@@ -21,6 +21,7 @@
 #include "params.h"
 #include "gemm_tile.cuh"
 #include "philox.cuh"
+#include "nf4.cuh"
 
 namespace lf {
 
@@ -67,26 +68,26 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_down(const LoraF
 SIMT_EXPORT_KERNEL(lora_down, LoraForwardParams)
 
 // y = s_scaled·Bᵀ + x·W0ᵀ: the LoRA up-projection is R extra K columns of the base GEMM, so the
-// accumulator starts at the LoRA term. Grid (ceil(N/128), ceil(M/128)).
-template <class Out>
-__device__ __forceinline__ void lora_fwd_split(const LoraForwardParams& p) {
+// accumulator starts at the LoRA term. W0 is the B operand `w0`: bf16 (lora_fwd_split_*) or NF4
+// dequantized tile by tile (qlora_fwd_split_*). Grid (ceil(N/128), ceil(M/128)).
+template <class Out, class W0>
+__device__ __forceinline__ void lora_fwd_split(const LoraForwardParams& p, const W0& w0) {
     __shared__ __align__(16) GemmSmem smem;
     const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN;
     GemmAcc acc = {};
     gemm_mainloop(acc, smem, operand<false>(p.s_scaled, p.m, p.r, p.r), operand<false>(p.b, p.n, p.r, p.r), p.r,
                   block_m, block_n, NoOnTile{});
-    gemm_mainloop(acc, smem, operand<false>(p.x, p.m, p.k, p.k), operand<false>(p.w0, p.n, p.k, p.k), p.k, block_m,
-                  block_n, NoOnTile{});
+    gemm_mainloop(acc, smem, operand<false>(p.x, p.m, p.k, p.k), w0, p.k, block_m, block_n, NoOnTile{});
     store_tile_c(acc, static_cast<Out*>(p.y), p.n, block_m, block_n, p.m, p.n);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_fwd_split_f32out(const LoraForwardParams p) {
-    lora_fwd_split<float>(p);
+    lora_fwd_split<float>(p, operand<false>(p.w0, p.n, p.k, p.k));
 }
 SIMT_EXPORT_KERNEL(lora_fwd_split_f32out, LoraForwardParams)
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_fwd_split_bf16out(const LoraForwardParams p) {
-    lora_fwd_split<lf_bf16>(p);
+    lora_fwd_split<lf_bf16>(p, operand<false>(p.w0, p.n, p.k, p.k));
 }
 SIMT_EXPORT_KERNEL(lora_fwd_split_bf16out, LoraForwardParams)
 
@@ -136,10 +137,10 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_bwd_da(const Lor
 SIMT_EXPORT_KERNEL(lora_bwd_da, LoraBackwardParams)
 
 // dx = drop'(dS·A) + dy·W0: the LoRA term first (R extra K columns), masked in registers, then
-// the base GEMM accumulates on top. A [R,K] and W0 [N,K] are K-major operands.
-// Grid (ceil(K/128), ceil(M/128)).
-template <class Out>
-__device__ __forceinline__ void lora_bwd_dx(const LoraBackwardParams& p) {
+// the base GEMM accumulates on top. A [R,K] and W0 [N,K] are K-major operands; W0 is `w0`, bf16
+// (lora_bwd_dx_*) or NF4 (qlora_bwd_dx_*). Grid (ceil(K/128), ceil(M/128)).
+template <class Out, class W0>
+__device__ __forceinline__ void lora_bwd_dx(const LoraBackwardParams& p, const W0& w0) {
     __shared__ __align__(16) GemmSmem smem;
     const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN;
     GemmAcc acc = {};
@@ -158,20 +159,46 @@ __device__ __forceinline__ void lora_bwd_dx(const LoraBackwardParams& p) {
             v = philox_word(w, (unsigned)(e & 3)) >= d.threshold ? v * d.scale : 0.0f;
         });
     }
-    gemm_mainloop(acc, smem, operand<false>(p.dy, p.m, p.n, p.n), operand<true>(p.w0, p.n, p.k, p.k), p.n, block_m,
-                  block_n, NoOnTile{});
+    gemm_mainloop(acc, smem, operand<false>(p.dy, p.m, p.n, p.n), w0, p.n, block_m, block_n, NoOnTile{});
     store_tile_c(acc, static_cast<Out*>(p.dx), p.k, block_m, block_n, p.m, p.k);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_bwd_dx_f32out(const LoraBackwardParams p) {
-    lora_bwd_dx<float>(p);
+    lora_bwd_dx<float>(p, operand<true>(p.w0, p.n, p.k, p.k));
 }
 SIMT_EXPORT_KERNEL(lora_bwd_dx_f32out, LoraBackwardParams)
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_bwd_dx_bf16out(const LoraBackwardParams p) {
-    lora_bwd_dx<lf_bf16>(p);
+    lora_bwd_dx<lf_bf16>(p, operand<true>(p.w0, p.n, p.k, p.k));
 }
 SIMT_EXPORT_KERNEL(lora_bwd_dx_bf16out, LoraBackwardParams)
+
+// QLoRA: the same kernels with W0 read as NF4 and dequantized tile by tile on its way to shared
+// memory (Nf4Operand, nf4.cuh): per 128×64 W0 tile 4 KiB of packed nibbles + statistics are
+// read instead of 16 KiB of bf16; 1 KiB more static shared memory (the nested map).
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) qlora_fwd_split_f32out(const QloraForwardParams p) {
+    __shared__ float nf4_map[256];
+    lora_fwd_split<float>(p.lora, nf4_operand<false>(p.w0, nf4_map, p.lora.n, p.lora.k));
+}
+SIMT_EXPORT_KERNEL(qlora_fwd_split_f32out, QloraForwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) qlora_fwd_split_bf16out(const QloraForwardParams p) {
+    __shared__ float nf4_map[256];
+    lora_fwd_split<lf_bf16>(p.lora, nf4_operand<false>(p.w0, nf4_map, p.lora.n, p.lora.k));
+}
+SIMT_EXPORT_KERNEL(qlora_fwd_split_bf16out, QloraForwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) qlora_bwd_dx_f32out(const QloraBackwardParams p) {
+    __shared__ float nf4_map[256];
+    lora_bwd_dx<float>(p.lora, nf4_operand<true>(p.w0, nf4_map, p.lora.n, p.lora.k));
+}
+SIMT_EXPORT_KERNEL(qlora_bwd_dx_f32out, QloraBackwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) qlora_bwd_dx_bf16out(const QloraBackwardParams p) {
+    __shared__ float nf4_map[256];
+    lora_bwd_dx<lf_bf16>(p.lora, nf4_operand<true>(p.w0, nf4_map, p.lora.n, p.lora.k));
+}
+SIMT_EXPORT_KERNEL(qlora_bwd_dx_bf16out, QloraBackwardParams)
 
 // Deterministic split-K reduction (fixed z order). 256 threads, grid-stride.
 extern "C" __global__ void __launch_bounds__(256) splitk_reduce(const SplitKReduceParams p) {

@@ -127,3 +127,40 @@ typedef struct ElementwiseParams {
     float alpha;
     DropoutParams dropout;
 } ElementwiseParams;
+
+/// An NF4 weight as the kernels read it (bitsandbytes layout, SPECS.md B; kernels/nf4.cuh):
+/// n elements (row-major flat), `packed` [ceil(n/2)] bytes (even element in the high nibble),
+/// blocks of 2^blocksize_log2 elements (32…4096). Block scales: f32 `absmax` [nblocks] when
+/// `absmax_code` is null; else double-quantized: `absmax_code` u8 [nblocks], `nested_absmax`
+/// f32 [ceil(nblocks / 2^nested_log2)], `nested_map` f32 [256], `nested_offset`, with
+/// 2^(blocksize_log2 + nested_log2) ≥ 1024.
+typedef struct Nf4Weight {
+    const unsigned char* packed;
+    const float* absmax;
+    const unsigned char* absmax_code;
+    const float* nested_absmax;
+    const float* nested_map;
+    float nested_offset;
+    int blocksize_log2;
+    int nested_log2;
+    long long n;
+} Nf4Weight;
+
+/// NF4 → bf16 dequantization, kernel nf4_dequant_bf16 (kernels/nf4.cu): out [w.n] bf16.
+typedef struct Nf4DequantParams {
+    Nf4Weight w;
+    lf_bf16* out;
+} Nf4DequantParams;
+
+/// QLoRA linear with W0 [N,K] dequantized tile by tile inside the GEMM main loop (kernels
+/// qlora_fwd_split_*, qlora_bwd_dx_* in kernels/lora.cu): the LoRA parameters (lora.w0 unused)
+/// plus the NF4 W0 (w0.n = N·K).
+typedef struct QloraForwardParams {
+    LoraForwardParams lora;
+    Nf4Weight w0;
+} QloraForwardParams;
+
+typedef struct QloraBackwardParams {
+    LoraBackwardParams lora;
+    Nf4Weight w0;
+} QloraBackwardParams;

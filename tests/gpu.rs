@@ -2,6 +2,8 @@
 //! "skipped: no CUDA device" (this binary has no test harness, so the lines are always shown).
 
 mod common;
+#[path = "common/nf4_checks.rs"]
+mod nf4_checks;
 
 use common::*;
 use lorafuse::device::cuda::{unavailable_reason, Cuda};
@@ -33,8 +35,48 @@ fn lora_split_and_unfused(dev: &Arc<dyn Device>) {
     run_case(dev, &Case { m: 513, n: 1030, k: 520, r: 8, p: 0.0 }, 3);
 }
 
-const CHECKS: &[(&str, Check)] =
-    &[("gemm_f32", gemm_f32), ("gemm_bf16", gemm_bf16), ("lora_split_and_unfused", lora_split_and_unfused)];
+/// NF4 → bf16 dequant bit-exact vs the CPU path: odd sizes, every blocksize, a 4096×4096 weight.
+fn nf4_dequant(dev: &Arc<dyn Device>) {
+    let cases =
+        [(1, 32), (1025, 64), (3001, 4096), (9001, 64), (4096, 128), (6145, 512), (4097, 2048), (4096 * 4096, 64)];
+    nf4_checks::dequant_cases(dev, &cases, 1);
+}
+
+/// QLoRA forward/backward in both arrangements bit-identical to the bf16 LoRA kernels.
+fn qlora_linear(dev: &Arc<dyn Device>) {
+    use lorafuse::ops::qlora::QloraArrangement;
+    use nf4_checks::QloraCase;
+    let cases = [
+        QloraCase { m: 33, n: 130, k: 72, r: 4, p: 0.1, blocksize: 64, double_quant: true },
+        QloraCase { m: 20, n: 41, k: 37, r: 8, p: 0.0, blocksize: 32, double_quant: false },
+        QloraCase { m: 300, n: 520, k: 1000, r: 16, p: 0.1, blocksize: 64, double_quant: true },
+        QloraCase { m: 1024, n: 1536, k: 2048, r: 64, p: 0.0, blocksize: 256, double_quant: true },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        for arr in [QloraArrangement::Scratch, QloraArrangement::Fused] {
+            nf4_checks::qlora_matches_lora(dev, *c, arr, i as u64 + 1);
+        }
+    }
+}
+
+const CHECKS: &[(&str, Check)] = &[
+    ("gemm_f32", gemm_f32),
+    ("gemm_bf16", gemm_bf16),
+    ("lora_split_and_unfused", lora_split_and_unfused),
+    ("nf4_dequant", nf4_dequant),
+    ("qlora_linear", qlora_linear),
+    // The simulator self-tests validate its fragment layouts and shuffle semantics against the
+    // hardware (simt_selftest_diverge is left out: its deliberate bugs may hang a GPU).
+    ("simt_barrier", common::selftest::barrier),
+    ("simt_index", common::selftest::index),
+    ("simt_reduce", common::selftest::reduce),
+    ("simt_shuffle", common::selftest::shuffle),
+    ("simt_vote", common::selftest::vote),
+    ("simt_atomics", common::selftest::atomics),
+    ("simt_mma_bf16", common::selftest::mma_bf16),
+    ("simt_mma_f16", common::selftest::mma_f16),
+    ("simt_ldmatrix", common::selftest::ldmatrix),
+];
 
 fn main() {
     if let Some(why) = unavailable_reason() {

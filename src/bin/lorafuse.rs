@@ -1,41 +1,179 @@
 //! The `lorafuse` command line.
 
+use clap::{Parser, Subcommand};
 use lorafuse::device::{cuda, kernels, sim};
+use lorafuse::model::{GenerateConfig, Llama};
+use lorafuse::train::config::{TrainConfig, TrainOptions};
+use lorafuse::train::data::Tokenizer;
+use lorafuse::train::trainer::{self, StartMode};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: lorafuse <command>
+/// Fused LoRA/QLoRA kernels, an autograd tape and a Llama trainer.
+#[derive(Parser)]
+#[command(name = "lorafuse", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  info    device, build path, kernels with their registers and shared memory per architecture
-  report  simulator traffic of each LoRA strategy vs the base GEMM (bytes, tensor-core FLOPs)";
+#[derive(Subcommand)]
+enum Command {
+    /// Device, build path, kernels with their registers and shared memory per architecture.
+    Info,
+    /// Simulator traffic of each LoRA strategy vs the base GEMM (bytes, tensor-core FLOPs).
+    Report,
+    /// Fine-tune a LoRA adapter. With no arguments: the shipped small model and dataset.
+    ///
+    /// Every option can also be set in a TOML file (--config), with the same names written with
+    /// underscores (seq_len = 256); flags override the file. See docs/TRAINING.md.
+    Train(Box<TrainCmd>),
+    /// Continue a prompt with a model (and optionally a PEFT adapter).
+    Generate(GenerateCmd),
+    /// Merge a PEFT adapter into its base model and save a Hugging Face checkpoint.
+    Merge(MergeCmd),
+}
+
+#[derive(clap::Args)]
+struct TrainCmd {
+    /// TOML config file; its keys are the option names below with `_` (e.g. micro_batch = 4).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the output directory (from scratch if none).
+    #[arg(long)]
+    resume: bool,
+    /// Delete an earlier run's outputs in the output directory and start fresh.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    #[command(flatten)]
+    opts: TrainOptions,
+}
+
+#[derive(clap::Args)]
+struct GenerateCmd {
+    /// Hugging Face Llama model directory (e.g. runs/default/base after the default run).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct MergeCmd {
+    /// Base model directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// Where to write the merged checkpoint (config.json, model.safetensors, tokenizer files).
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("info") => {
+    let cli = Cli::parse();
+    let (name, result) = match cli.command {
+        Command::Info => {
             info();
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Some("report") => match lorafuse::ops::report::lora_traffic(512, 512, 512, 16, 0.1) {
-            Ok(rows) => {
-                println!("SIMT simulator, M = N = K = 512, r = 16, dropout 0.1 (ratios vs base GEMM; fwd+bwd vs forward + dx GEMMs)\n");
-                print!("{}", lorafuse::ops::report::format_table(&rows));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("lorafuse report: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Some("-h" | "--help" | "help") | None => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        Some(other) => {
-            eprintln!("lorafuse: unknown command `{other}`\n{USAGE}");
-            ExitCode::from(2)
+        Command::Report => ("report", report()),
+        Command::Train(t) => ("train", train(*t)),
+        Command::Generate(g) => ("generate", generate(g)),
+        Command::Merge(m) => ("merge", merge(m)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lorafuse {name}: error: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn report() -> lorafuse::Result<()> {
+    let rows = lorafuse::ops::report::lora_traffic(512, 512, 512, 16, 0.1)?;
+    println!(
+        "SIMT simulator, M = N = K = 512, r = 16, dropout 0.1 (ratios vs base GEMM; fwd+bwd vs forward + dx GEMMs)\n"
+    );
+    print!("{}", lorafuse::ops::report::format_table(&rows));
+    Ok(())
+}
+
+fn train(t: TrainCmd) -> lorafuse::Result<()> {
+    let file = t.config.as_deref().map(TrainOptions::from_toml_file).transpose()?;
+    let cfg = TrainConfig::resolve(file, &t.opts)?;
+    let summary = trainer::train(&cfg, StartMode { resume: t.resume, overwrite: t.overwrite })?;
+    println!("{}", trainer::format_summary(&summary));
+    Ok(())
+}
+
+fn load(model: &std::path::Path, adapter: Option<&std::path::Path>) -> lorafuse::Result<(Llama, Tokenizer)> {
+    let mut m = Llama::from_dir(model)?;
+    if let Some(a) = adapter {
+        let rep = m.load_adapter(a)?;
+        if !rep.missing.is_empty() {
+            eprintln!("warning: {} adapter tensors missing (left at their initial values)", rep.missing.len());
+        }
+    }
+    let tok = Tokenizer::from_model_dir(model, m.config.vocab_size, m.config.eos_token_id)?;
+    Ok((m, tok))
+}
+
+fn generate(g: GenerateCmd) -> lorafuse::Result<()> {
+    let (model, tok) = load(&g.model, g.adapter.as_deref())?;
+    let prompt_ids = if g.chat {
+        tok.encode(&tok.render_chat(&[("user".into(), g.prompt.clone())], true)?)?
+    } else {
+        let mut ids: Vec<u32> = tok.bos_id.into_iter().collect();
+        ids.extend(tok.encode(&g.prompt)?);
+        ids
+    };
+    let cfg = GenerateConfig {
+        max_new_tokens: g.max_new_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        seed: g.seed,
+        eos_token_id: tok.eos_id,
+        use_cache: true,
+    };
+    let out = model.generate(&prompt_ids, &cfg)?;
+    println!("{}", tok.decode(&out)?);
+    Ok(())
+}
+
+fn merge(m: MergeCmd) -> lorafuse::Result<()> {
+    let mut model = Llama::from_dir(&m.model)?;
+    model.load_adapter(&m.adapter)?;
+    model.merge()?;
+    model.save_pretrained(&m.output)?;
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        let src = m.model.join(f);
+        if src.exists() {
+            let dst = m.output.join(f);
+            std::fs::copy(&src, &dst).map_err(|e| lorafuse::Error::io(&dst, e))?;
+        }
+    }
+    println!("merged {} into {} → {}", m.adapter.display(), m.model.display(), m.output.display());
+    Ok(())
 }
 
 fn info() {

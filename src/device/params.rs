@@ -340,3 +340,117 @@ const _: () = {
         "Offset of field: ElementwiseParams::dropout",
     ][::std::mem::offset_of!(ElementwiseParams, dropout) - 40usize];
 };
+/** An NF4 weight as the kernels read it (bitsandbytes layout, SPECS.md B; kernels/nf4.cuh):
+ n elements (row-major flat), `packed` [ceil(n/2)] bytes (even element in the high nibble),
+ blocks of 2^blocksize_log2 elements (32…4096). Block scales: f32 `absmax` [nblocks] when
+ `absmax_code` is null; else double-quantized: `absmax_code` u8 [nblocks], `nested_absmax`
+ f32 [ceil(nblocks / 2^nested_log2)], `nested_map` f32 [256], `nested_offset`, with
+ 2^(blocksize_log2 + nested_log2) ≥ 1024.*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct Nf4Weight {
+    pub packed: *const ::std::os::raw::c_uchar,
+    pub absmax: *const f32,
+    pub absmax_code: *const ::std::os::raw::c_uchar,
+    pub nested_absmax: *const f32,
+    pub nested_map: *const f32,
+    pub nested_offset: f32,
+    pub blocksize_log2: ::std::os::raw::c_int,
+    pub nested_log2: ::std::os::raw::c_int,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4Weight"][::std::mem::size_of::<Nf4Weight>() - 64usize];
+    ["Alignment of Nf4Weight"][::std::mem::align_of::<Nf4Weight>() - 8usize];
+    [
+        "Offset of field: Nf4Weight::packed",
+    ][::std::mem::offset_of!(Nf4Weight, packed) - 0usize];
+    [
+        "Offset of field: Nf4Weight::absmax",
+    ][::std::mem::offset_of!(Nf4Weight, absmax) - 8usize];
+    [
+        "Offset of field: Nf4Weight::absmax_code",
+    ][::std::mem::offset_of!(Nf4Weight, absmax_code) - 16usize];
+    [
+        "Offset of field: Nf4Weight::nested_absmax",
+    ][::std::mem::offset_of!(Nf4Weight, nested_absmax) - 24usize];
+    [
+        "Offset of field: Nf4Weight::nested_map",
+    ][::std::mem::offset_of!(Nf4Weight, nested_map) - 32usize];
+    [
+        "Offset of field: Nf4Weight::nested_offset",
+    ][::std::mem::offset_of!(Nf4Weight, nested_offset) - 40usize];
+    [
+        "Offset of field: Nf4Weight::blocksize_log2",
+    ][::std::mem::offset_of!(Nf4Weight, blocksize_log2) - 44usize];
+    [
+        "Offset of field: Nf4Weight::nested_log2",
+    ][::std::mem::offset_of!(Nf4Weight, nested_log2) - 48usize];
+    ["Offset of field: Nf4Weight::n"][::std::mem::offset_of!(Nf4Weight, n) - 56usize];
+};
+/// NF4 → bf16 dequantization, kernel nf4_dequant_bf16 (kernels/nf4.cu): out [w.n] bf16.
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct Nf4DequantParams {
+    pub w: Nf4Weight,
+    pub out: *mut lf_bf16,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4DequantParams"][::std::mem::size_of::<Nf4DequantParams>() - 72usize];
+    [
+        "Alignment of Nf4DequantParams",
+    ][::std::mem::align_of::<Nf4DequantParams>() - 8usize];
+    [
+        "Offset of field: Nf4DequantParams::w",
+    ][::std::mem::offset_of!(Nf4DequantParams, w) - 0usize];
+    [
+        "Offset of field: Nf4DequantParams::out",
+    ][::std::mem::offset_of!(Nf4DequantParams, out) - 64usize];
+};
+/** QLoRA linear with W0 [N,K] dequantized tile by tile inside the GEMM main loop (kernels
+ qlora_fwd_split_*, qlora_bwd_dx_* in kernels/lora.cu): the LoRA parameters (lora.w0 unused)
+ plus the NF4 W0 (w0.n = N·K).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QloraForwardParams {
+    pub lora: LoraForwardParams,
+    pub w0: Nf4Weight,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of QloraForwardParams",
+    ][::std::mem::size_of::<QloraForwardParams>() - 168usize];
+    [
+        "Alignment of QloraForwardParams",
+    ][::std::mem::align_of::<QloraForwardParams>() - 8usize];
+    [
+        "Offset of field: QloraForwardParams::lora",
+    ][::std::mem::offset_of!(QloraForwardParams, lora) - 0usize];
+    [
+        "Offset of field: QloraForwardParams::w0",
+    ][::std::mem::offset_of!(QloraForwardParams, w0) - 104usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct QloraBackwardParams {
+    pub lora: LoraBackwardParams,
+    pub w0: Nf4Weight,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of QloraBackwardParams",
+    ][::std::mem::size_of::<QloraBackwardParams>() - 192usize];
+    [
+        "Alignment of QloraBackwardParams",
+    ][::std::mem::align_of::<QloraBackwardParams>() - 8usize];
+    [
+        "Offset of field: QloraBackwardParams::lora",
+    ][::std::mem::offset_of!(QloraBackwardParams, lora) - 0usize];
+    [
+        "Offset of field: QloraBackwardParams::w0",
+    ][::std::mem::offset_of!(QloraBackwardParams, w0) - 128usize];
+};

@@ -4,7 +4,10 @@
 //! Shapes: x [M,K], W0 [N,K], A [R,K], B [N,R] (bf16); `col_scale` [R] f32 = alpha/r (or
 //! alpha/√r) per column of S, so several targets stacked along R keep their own scale.
 
-use crate::device::params::{DropoutParams, LoraBackwardParams, LoraForwardParams, SplitKReduceParams};
+use crate::device::params::{
+    DropoutParams, LoraBackwardParams, LoraForwardParams, Nf4Weight, QloraBackwardParams, QloraForwardParams,
+    SplitKReduceParams,
+};
 use crate::device::{blocks_for, Device, DeviceBuffer, DevicePtr, KernelParams, LaunchConfig, ParamBytes};
 use crate::ops::philox::DropoutMask;
 use crate::tensor::{DType, Tensor};
@@ -15,6 +18,8 @@ use std::sync::Arc;
 unsafe impl KernelParams for LoraForwardParams {}
 unsafe impl KernelParams for LoraBackwardParams {}
 unsafe impl KernelParams for SplitKReduceParams {}
+unsafe impl KernelParams for QloraForwardParams {}
+unsafe impl KernelParams for QloraBackwardParams {}
 
 const TILE: usize = 128;
 const THREADS: u32 = 256;
@@ -39,6 +44,67 @@ pub struct LoraWeights<'a> {
     pub col_scale: &'a Tensor,
 }
 
+/// W0 [N,K] as the base GEMM reads it: a bf16 tensor (the `lora_*` kernels) or an NF4 weight
+/// dequantized tile by tile inside the main loop (the `qlora_*` kernels, [`crate::ops::qlora`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BaseWeight<'a> {
+    Bf16(&'a Tensor),
+    Nf4 { w: Nf4Weight, n: usize, k: usize },
+}
+
+/// [`LoraWeights`] with W0 in either form.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoraParts<'a> {
+    pub w0: BaseWeight<'a>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub col_scale: &'a Tensor,
+}
+
+impl<'a> From<&LoraWeights<'a>> for LoraParts<'a> {
+    fn from(w: &LoraWeights<'a>) -> Self {
+        LoraParts { w0: BaseWeight::Bf16(w.w0), a: w.a, b: w.b, col_scale: w.col_scale }
+    }
+}
+
+impl BaseWeight<'_> {
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            BaseWeight::Bf16(t) => [t.shape().first().copied().unwrap_or(0), t.shape().get(1).copied().unwrap_or(0)],
+            BaseWeight::Nf4 { n, k, .. } => [*n, *k],
+        }
+    }
+
+    /// The bf16 pointer for the params' `w0` (null for NF4: the kernels read `Nf4Weight`).
+    fn bf16_ptr(&self) -> Result<*const u16> {
+        match self {
+            BaseWeight::Bf16(t) => Ok(t.device_ptr()?.as_ptr()),
+            BaseWeight::Nf4 { .. } => Ok(std::ptr::null()),
+        }
+    }
+
+    /// Launches `{prefix}_{out}` (bf16 W0) or `q{prefix}_{out}` (NF4 W0) with `p`.
+    ///
+    /// # Safety
+    /// As [`Device::launch`]: `p`'s pointers must be live and sized for the grid.
+    unsafe fn launch<P: KernelParams, Q: KernelParams>(
+        &self,
+        dev: &Arc<dyn Device>,
+        kernel: &str,
+        cfg: &LaunchConfig,
+        p: &P,
+        wrap: impl FnOnce(P, Nf4Weight) -> Q,
+    ) -> Result<()> {
+        match self {
+            BaseWeight::Bf16(_) => dev.launch(kernel, cfg, ParamBytes::new(p)),
+            BaseWeight::Nf4 { w, .. } => {
+                let q = wrap(*p, *w);
+                dev.launch(&format!("q{kernel}"), cfg, ParamBytes::new(&q))
+            }
+        }
+    }
+}
+
 /// Sizes shared by forward and backward.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
@@ -59,13 +125,28 @@ fn expect(t: &Tensor, name: &str, shape: &[usize], dtype: DType) -> Result<()> {
 }
 
 pub(crate) fn dims(x: &Tensor, w: &LoraWeights) -> Result<Dims> {
-    let (xs, ws, as_) = (x.shape(), w.w0.shape(), w.a.shape());
+    dims_of(x, &w.into())
+}
+
+/// [`dims`] with W0 bf16 or NF4.
+fn dims_of(x: &Tensor, w: &LoraParts) -> Result<Dims> {
+    let (xs, as_) = (x.shape(), w.a.shape());
+    let ws = match w.w0 {
+        BaseWeight::Bf16(t) => t.shape().to_vec(),
+        BaseWeight::Nf4 { .. } => w.w0.shape().to_vec(),
+    };
     if xs.len() != 2 || ws.len() != 2 || as_.len() != 2 {
         return Err(Error::shape("lora", format!("x {xs:?}, W0 {ws:?}, A {as_:?} must be matrices")));
     }
     let d = Dims { m: xs[0], k: xs[1], n: ws[0], r: as_[0] };
     expect(x, "x", &[d.m, d.k], DType::BF16)?;
-    expect(w.w0, "W0", &[d.n, d.k], DType::BF16)?;
+    match w.w0 {
+        BaseWeight::Bf16(t) => expect(t, "W0", &[d.n, d.k], DType::BF16)?,
+        BaseWeight::Nf4 { k, .. } if k != d.k => {
+            return Err(Error::shape("lora", format!("NF4 W0 is {ws:?} but x has {} columns", d.k)))
+        }
+        BaseWeight::Nf4 { .. } => {}
+    }
     expect(w.a, "A", &[d.r, d.k], DType::BF16)?;
     expect(w.b, "B", &[d.n, d.r], DType::BF16)?;
     expect(w.col_scale, "col_scale", &[d.r], DType::F32)?;
@@ -112,7 +193,18 @@ pub fn lora_forward(
     drop: &DropoutMask,
     out: DType,
 ) -> Result<LoraForward> {
-    let d = dims(x, w)?;
+    lora_forward_with(dev, x, &w.into(), drop, out)
+}
+
+/// [`lora_forward`] with W0 bf16 or NF4 (then the base kernel is `qlora_fwd_split_*`).
+pub(crate) fn lora_forward_with(
+    dev: &Arc<dyn Device>,
+    x: &Tensor,
+    w: &LoraParts,
+    drop: &DropoutMask,
+    out: DType,
+) -> Result<LoraForward> {
+    let d = dims_of(x, w)?;
     let backend = crate::device::Backend::Device(dev.clone());
     let y = Tensor::empty(&[d.m, d.n], out, &backend)?;
     let s = Tensor::empty(&[d.m, d.r], DType::F32, &backend)?;
@@ -123,7 +215,7 @@ pub fn lora_forward(
     }
     let p = LoraForwardParams {
         x: x.device_ptr()?.as_ptr(),
-        w0: w.w0.device_ptr()?.as_ptr(),
+        w0: w.w0.bf16_ptr()?,
         a: w.a.device_ptr()?.as_ptr(),
         b: w.b.device_ptr()?.as_ptr(),
         s: s.device_ptr()?.as_mut_ptr(),
@@ -142,7 +234,7 @@ pub fn lora_forward(
             dev.launch("lora_down", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
         }
         if d.n > 0 {
-            dev.launch(&kernel, &grid(d.n, d.m, 1)?, ParamBytes::new(&p))?;
+            w.w0.launch(dev, &kernel, &grid(d.n, d.m, 1)?, &p, |lora, w0| QloraForwardParams { lora, w0 })?;
         }
     }
     Ok(LoraForward { y, s, s_scaled })
@@ -178,7 +270,20 @@ pub fn lora_backward(
     drop: &DropoutMask,
     out: DType,
 ) -> Result<LoraGrads> {
-    let d = dims(x, w)?;
+    lora_backward_with(dev, x, &w.into(), s_scaled, dy, drop, out)
+}
+
+/// [`lora_backward`] with W0 bf16 or NF4 (then the dx kernel is `qlora_bwd_dx_*`).
+pub(crate) fn lora_backward_with(
+    dev: &Arc<dyn Device>,
+    x: &Tensor,
+    w: &LoraParts,
+    s_scaled: &Tensor,
+    dy: &Tensor,
+    drop: &DropoutMask,
+    out: DType,
+) -> Result<LoraGrads> {
+    let d = dims_of(x, w)?;
     expect(s_scaled, "s_scaled", &[d.m, d.r], DType::BF16)?;
     expect(dy, "dy", &[d.m, d.n], DType::BF16)?;
     let backend = crate::device::Backend::Device(dev.clone());
@@ -195,7 +300,7 @@ pub fn lora_backward(
     let ws_da = DeviceBuffer::new(dev, da_splits * d.r * d.k * 4)?;
     let mut p = LoraBackwardParams {
         x: x.device_ptr()?.as_ptr(),
-        w0: w.w0.device_ptr()?.as_ptr(),
+        w0: w.w0.bf16_ptr()?,
         a: w.a.device_ptr()?.as_ptr(),
         b: w.b.device_ptr()?.as_ptr(),
         s_scaled: s_scaled.device_ptr()?.as_ptr(),
@@ -247,7 +352,7 @@ pub fn lora_backward(
             db.fill_bytes(0)?;
         }
         if d.m > 0 && d.k > 0 {
-            dev.launch(&dx_kernel, &grid(d.k, d.m, 1)?, ParamBytes::new(&p))?;
+            w.w0.launch(dev, &dx_kernel, &grid(d.k, d.m, 1)?, &p, |lora, w0| QloraBackwardParams { lora, w0 })?;
         }
     }
     Ok(LoraGrads { dx, da, db })

@@ -59,11 +59,57 @@ pub fn gemm(
     parallel: bool,
 ) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand too short");
+    // SAFETY: the operands hold the matrices (asserted above).
+    unsafe { gemm_raw(m, n, k, alpha, a, ta, b, tb, beta, c.as_mut_ptr(), parallel) }
+}
+
+/// `op(A)·op(B)·alpha` into a new `[m, n]` vector (no zero-fill pass: C is written, never read).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    ta: Tr,
+    b: &[f32],
+    tb: Tr,
+    parallel: bool,
+) -> Vec<f32> {
+    assert!(a.len() >= m * k && b.len() >= k * n, "gemm: operand too short");
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: with beta = 0 both libraries write every element of C without reading it, so the
+    // length is set only after all m·n elements are initialized.
+    unsafe {
+        gemm_raw(m, n, k, alpha, a, ta, b, tb, 0.0, c.as_mut_ptr(), parallel);
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// # Safety
+/// `c` must be valid for `m·n` writes (and reads when `beta ≠ 0`); `a`, `b` hold their matrices.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    ta: Tr,
+    b: &[f32],
+    tb: Tr,
+    beta: f32,
+    c: *mut f32,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c[..m * n].iter_mut().for_each(|v| *v = if beta == 0.0 { 0.0 } else { *v * beta });
+        for i in 0..m * n {
+            *c.add(i) = if beta == 0.0 { 0.0 } else { *c.add(i) * beta };
+        }
         return;
     }
     let (ars, acs) = match ta {
@@ -81,7 +127,7 @@ pub fn gemm(
             // matrixmultiply runs single-threaded here; threads come from rayon (one pool for
             // every op), each computing a block of rows (or of columns when C is short and wide).
             let threads = if par { rayon::current_num_threads().max(1) } else { 1 };
-            let (ap, bp, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+            let (ap, bp, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c as usize);
             let block = |i0: usize, i1: usize, j0: usize, j1: usize| {
                 // SAFETY: the slices hold the dense matrices described by the strides (asserted
                 // above); blocks write disjoint parts of C.
@@ -122,7 +168,7 @@ pub fn gemm(
                     m,
                     n,
                     k,
-                    c.as_mut_ptr(),
+                    c,
                     1,
                     n as isize,
                     beta != 0.0,
@@ -142,13 +188,6 @@ pub fn gemm(
             }
         }
     }
-}
-
-/// `y[m,n] = x[m,k]·w[n,k]ᵀ` (a linear layer with an `[out, in]` weight), newly allocated.
-pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut y = vec![0.0; m * n];
-    gemm(m, n, k, 1.0, x, Tr::N, w, Tr::T, 0.0, &mut y, true);
-    y
 }
 
 #[cfg(test)]

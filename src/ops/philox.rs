@@ -90,12 +90,18 @@ impl DropoutMask {
             i += 1;
             e += 1;
         }
-        let mut block = [0u32; 4 * LANES];
-        while i + 4 * LANES <= out.len() {
-            philox_lanes::<LANES>(self, e >> 2, &mut block);
-            out[i..i + 4 * LANES].copy_from_slice(&block);
-            i += 4 * LANES;
-            e += 4 * LANES as u64;
+        // One dispatch for the whole vectorized middle part.
+        let full = (out.len() - i) / (4 * LANES) * (4 * LANES);
+        philox_blocks::<LANES>(self, e >> 2, &mut out[i..i + full]);
+        i += full;
+        e += full as u64;
+        if out.len() - i >= 16 {
+            // A vectorized block for the tail too (e is a multiple of 4 here).
+            let mut tail = [0u32; 4 * LANES];
+            philox_blocks::<LANES>(self, e >> 2, &mut tail);
+            let rest = out.len() - i;
+            out[i..].copy_from_slice(&tail[..rest]);
+            i += rest;
         }
         while i < out.len() {
             out[i] = self.words(e >> 2)[(e & 3) as usize];
@@ -115,17 +121,20 @@ impl DropoutMask {
         for (c, (xs, os)) in x.chunks(1024).zip(out.chunks_mut(1024)).enumerate() {
             let w = &mut words[..xs.len()];
             self.fill_words(start + (c * 1024) as u64, w);
-            for ((o, &v), &w) in os.iter_mut().zip(xs).zip(w.iter()) {
-                *o = if w >= self.threshold { v * self.scale } else { 0.0 };
-            }
+            crate::ops::simd::with_simd(|| {
+                for ((o, &v), &w) in os.iter_mut().zip(xs).zip(w.iter()) {
+                    *o = if w >= self.threshold { v * self.scale } else { 0.0 };
+                }
+            });
         }
     }
 }
 
-/// Philox blocks `g0 .. g0 + L` of `m`'s stream: `out[4j + lane]` is word `lane` of block `g0 + j`.
-/// Written lane-parallel (struct of arrays) so it vectorizes; dispatched to AVX-512/AVX2 at run
-/// time, since the crate is built for the baseline x86-64 target.
-fn philox_lanes<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
+/// Philox blocks `g0, g0 + 1, …` of `m`'s stream into `out` (a multiple of `4L` words):
+/// `out[4j + lane]` is word `lane` of block `g0 + j`. Computed `L` blocks at a time, lane-parallel
+/// (struct of arrays) so it vectorizes; dispatched to AVX-512/AVX2 at run time, since the crate
+/// is built for the baseline x86-64 target.
+fn philox_blocks<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
     #[inline(always)]
     fn body<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
         let (mut c0, mut c1, mut c2, mut c3) =
@@ -156,15 +165,21 @@ fn philox_lanes<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
             out[4 * j..4 * j + 4].copy_from_slice(&[c0[j], c1[j], c2[j], c3[j]]);
         }
     }
+    #[inline(always)]
+    fn all<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
+        for (j, blk) in out.chunks_exact_mut(4 * L).enumerate() {
+            body::<L>(m, g0 + (j * L) as u64, blk);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
         unsafe fn avx512<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
-            body::<L>(m, g0, out)
+            all::<L>(m, g0, out)
         }
         #[target_feature(enable = "avx2")]
         unsafe fn avx2<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
-            body::<L>(m, g0, out)
+            all::<L>(m, g0, out)
         }
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports the enabled feature (checked just above).
@@ -175,7 +190,7 @@ fn philox_lanes<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
             return unsafe { avx2::<L>(m, g0, out) };
         }
     }
-    body::<L>(m, g0, out)
+    all::<L>(m, g0, out)
 }
 
 /// Uniform f32 values in `[0, 1)` from Philox (24-bit mantissa of each word), for weight init.
@@ -237,8 +252,8 @@ mod tests {
     #[test]
     fn vectorized_words_match_scalar() {
         let m = DropoutMask::new(0.1, 0xdead_beef_0123_4567, 1 << 40);
-        for start in [0u64, 3, (1 << 34) - 5] {
-            let mut w = vec![0u32; 200];
+        for (start, len) in [(0u64, 200), (3, 200), ((1 << 34) - 5, 200), (8, 688), (1, 70)] {
+            let mut w = vec![0u32; len];
             m.fill_words(start, &mut w);
             for (i, &v) in w.iter().enumerate() {
                 let e = start + i as u64;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod lora;
+pub mod selftest;
 
 use half::bf16;
 use lorafuse::device::{Device, DeviceBuffer};
