@@ -2,7 +2,7 @@
 //!
 //! Device ops (launch code for `kernels/*.cu`, each beside its CPU reference): [`gemm`],
 //! [`lora_kernels`] (split forward, backward), [`lora_fused`] (single-pass forward),
-//! [`lora_unfused`] (the PEFT-style baseline), [`qlora`] (NF4 base weight); [`lora_linear`] is
+//! [`lora_unfused`] (the PEFT-style baseline), [`lora_stack`] (several targets sharing x), [`qlora`] (NF4 base weight); [`lora_linear`] is
 //! the public LoRA API over every backend, [`report`] the simulator's traffic table.
 //!
 //! CPU (f32, rayon) ops of the Llama decoder, each a forward and a manual backward that the
@@ -19,6 +19,7 @@ pub mod lora;
 pub mod lora_fused;
 pub mod lora_kernels;
 pub mod lora_linear;
+pub mod lora_stack;
 pub mod lora_unfused;
 pub mod loss;
 pub mod matmul;
