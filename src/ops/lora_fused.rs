@@ -8,9 +8,8 @@
 //! Rank: R ≤ [`FUSED_MAX_RANK`] per launch (S lives in shared memory); larger ranks use the split
 //! strategy. Bytes, FLOPs and when to prefer which strategy: the header of the kernel file.
 
-use crate::device::params::LoraForwardParams;
 use crate::device::{Device, ParamBytes};
-use crate::ops::lora_kernels::{dims, dropout_params, grid, out_kernel, LoraForward, LoraWeights};
+use crate::ops::lora_kernels::{dims, forward_outputs, grid, out_kernel, LoraForward, LoraWeights};
 use crate::ops::philox::DropoutMask;
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -54,29 +53,10 @@ pub fn lora_forward_fused(
         ));
     }
     let kernel = out_kernel("lora_fwd_fused", out)?;
-    let backend = crate::device::Backend::Device(dev.clone());
-    let y = Tensor::empty(&[d.m, d.n], out, &backend)?;
-    let s = Tensor::empty(&[d.m, d.r], DType::F32, &backend)?;
-    let s_scaled = Tensor::empty(&[d.m, d.r], DType::BF16, &backend)?;
+    let (fwd, p) = forward_outputs(dev, x, w.w0.device_ptr()?.as_ptr(), w.a, w.b, w.col_scale, d, drop, out)?;
     if d.m == 0 {
-        return Ok(LoraForward { y, s, s_scaled });
+        return Ok(fwd);
     }
-    let dropout = dropout_params(drop);
-    let p = LoraForwardParams {
-        x: x.device_ptr()?.as_ptr(),
-        w0: w.w0.device_ptr()?.as_ptr(),
-        a: w.a.device_ptr()?.as_ptr(),
-        b: w.b.device_ptr()?.as_ptr(),
-        s: s.device_ptr()?.as_mut_ptr(),
-        s_scaled: s_scaled.device_ptr()?.as_mut_ptr(),
-        col_scale: w.col_scale.device_ptr()?.as_ptr(),
-        y: y.device_ptr()?.as_mut_ptr(),
-        m: d.m as i32,
-        n: d.n as i32,
-        k: d.k as i32,
-        r: d.r as i32,
-        dropout,
-    };
     // SAFETY: every pointer is a live device tensor whose shape `dims` validated; the dynamic
     // shared memory matches the kernel's layout for this R and dropout setting.
     unsafe {
@@ -87,9 +67,9 @@ pub fn lora_forward_fused(
             }
         } else {
             let mut cfg = grid(d.n, d.m, 1)?;
-            cfg.dynamic_smem_bytes = fused_smem_bytes(d.r, dropout.threshold != 0);
+            cfg.dynamic_smem_bytes = fused_smem_bytes(d.r, p.dropout.threshold != 0);
             dev.launch(&kernel, &cfg, ParamBytes::new(&p))?;
         }
     }
-    Ok(LoraForward { y, s, s_scaled })
+    Ok(fwd)
 }

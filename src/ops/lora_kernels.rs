@@ -205,29 +205,11 @@ pub(crate) fn lora_forward_with(
     out: DType,
 ) -> Result<LoraForward> {
     let d = dims_of(x, w)?;
-    let backend = crate::device::Backend::Device(dev.clone());
-    let y = Tensor::empty(&[d.m, d.n], out, &backend)?;
-    let s = Tensor::empty(&[d.m, d.r], DType::F32, &backend)?;
-    let s_scaled = Tensor::empty(&[d.m, d.r], DType::BF16, &backend)?;
     let kernel = out_kernel("lora_fwd_split", out)?;
+    let (fwd, p) = forward_outputs(dev, x, w.w0.bf16_ptr()?, w.a, w.b, w.col_scale, d, drop, out)?;
     if d.m == 0 {
-        return Ok(LoraForward { y, s, s_scaled });
+        return Ok(fwd);
     }
-    let p = LoraForwardParams {
-        x: x.device_ptr()?.as_ptr(),
-        w0: w.w0.bf16_ptr()?,
-        a: w.a.device_ptr()?.as_ptr(),
-        b: w.b.device_ptr()?.as_ptr(),
-        s: s.device_ptr()?.as_mut_ptr(),
-        s_scaled: s_scaled.device_ptr()?.as_mut_ptr(),
-        col_scale: w.col_scale.device_ptr()?.as_ptr(),
-        y: y.device_ptr()?.as_mut_ptr(),
-        m: d.m as i32,
-        n: d.n as i32,
-        k: d.k as i32,
-        r: d.r as i32,
-        dropout: dropout_params(drop),
-    };
     // SAFETY: every pointer is a live device tensor whose shape `dims` validated.
     unsafe {
         if d.r > 0 {
@@ -237,7 +219,43 @@ pub(crate) fn lora_forward_with(
             w.w0.launch(dev, &kernel, &grid(d.n, d.m, 1)?, &p, |lora, w0| QloraForwardParams { lora, w0 })?;
         }
     }
-    Ok(LoraForward { y, s, s_scaled })
+    Ok(fwd)
+}
+
+/// The forward's output tensors (y, S, s_scaled) on `dev` and the kernel parameters that point
+/// at them, shared by every forward strategy. `w0` may be null for an NF4 base weight.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_outputs(
+    dev: &Arc<dyn Device>,
+    x: &Tensor,
+    w0: *const u16,
+    a: &Tensor,
+    b: &Tensor,
+    col_scale: &Tensor,
+    d: Dims,
+    drop: &DropoutMask,
+    out: DType,
+) -> Result<(LoraForward, LoraForwardParams)> {
+    let backend = crate::device::Backend::Device(dev.clone());
+    let y = Tensor::empty(&[d.m, d.n], out, &backend)?;
+    let s = Tensor::empty(&[d.m, d.r], DType::F32, &backend)?;
+    let s_scaled = Tensor::empty(&[d.m, d.r], DType::BF16, &backend)?;
+    let p = LoraForwardParams {
+        x: x.device_ptr()?.as_ptr(),
+        w0,
+        a: a.device_ptr()?.as_ptr(),
+        b: b.device_ptr()?.as_ptr(),
+        s: s.device_ptr()?.as_mut_ptr(),
+        s_scaled: s_scaled.device_ptr()?.as_mut_ptr(),
+        col_scale: col_scale.device_ptr()?.as_ptr(),
+        y: y.device_ptr()?.as_mut_ptr(),
+        m: d.m as i32,
+        n: d.n as i32,
+        k: d.k as i32,
+        r: d.r as i32,
+        dropout: dropout_params(drop),
+    };
+    Ok((LoraForward { y, s, s_scaled }, p))
 }
 
 /// Gradients of the LoRA linear.
