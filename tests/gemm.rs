@@ -117,3 +117,27 @@ fn launches_a_gpu_would_refuse_are_errors() {
     assert!(too_much_smem.contains("shared memory"), "{too_much_smem}");
     launch(256, 0).expect("a valid launch");
 }
+
+#[test]
+fn cpu_backend_gemm_matches_f64_reference() {
+    use half::bf16;
+    use lorafuse::device::Backend;
+    use lorafuse::ops::gemm::{gemm_bf16, gemm_ref};
+    use lorafuse::tensor::{HostData, Tensor};
+    let (m, n, k) = (37, 29, 70);
+    let mut rng = TestRng::new(12);
+    let mut t = |rows: usize| {
+        let v: Vec<bf16> = rng.vec_f32(rows * k).iter().map(|&x| bf16::from_f32(x)).collect();
+        Tensor::from_host(&[rows, k], HostData::BF16(v)).unwrap()
+    };
+    let (a, b) = (t(m), t(n));
+    let c = gemm_bf16(&a, &b, DType::F32, &Backend::cpu()).unwrap().to_host().unwrap().to_f32();
+    let want = gemm_ref(
+        &a.to_host().unwrap().to_f32(),
+        &b.to_host().unwrap().to_f32(),
+        GemmShape::dense(m, n, k),
+        GemmLayout::Nt,
+    );
+    let err = lorafuse::testing::rel_err(&c, &want);
+    assert!(err <= GEMM_F32_TOL, "rel err {err:e}");
+}

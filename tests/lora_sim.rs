@@ -54,3 +54,16 @@ fn dropout_changes_the_output() {
     assert!(diff(&s0, &s1) > 1e-2, "p=0.5 left S unchanged: dropout did nothing");
     assert!(diff(&s1, &s2) > 1e-2, "a different offset gave the same mask");
 }
+
+#[test]
+fn unfused_rejects_a_vector_input() {
+    let dev: Arc<dyn Device> = Arc::new(Sim::new(Schedule::Lockstep));
+    let backend = Backend::Device(dev.clone());
+    let t = |shape: &[usize]| upload(&backend, shape, &vec![0.5; shape.iter().product()], DType::BF16);
+    let (x, w0, a, b) = (t(&[8]), t(&[4, 8]), t(&[2, 8]), t(&[4, 2]));
+    let cs = upload(&backend, &[2], &[1.0, 1.0], DType::F32);
+    let w = LoraWeights { w0: &w0, a: &a, b: &b, col_scale: &cs };
+    let err =
+        lorafuse::ops::lora_unfused::lora_forward_unfused(&dev, &x, &w, 1.0, &DropoutMask::new(0.0, 0, 0)).unwrap_err();
+    assert!(err.to_string().contains("matrices"), "{err}");
+}

@@ -3,6 +3,7 @@
 
 use crate::device::params::GemmParams;
 use crate::device::{blocks_for, Backend, Device, KernelParams, LaunchConfig, ParamBytes};
+use crate::ops::matmul::{self, Tr};
 use crate::tensor::{DType, HostData, Tensor};
 use crate::{Error, Result};
 use half::bf16;
@@ -139,20 +140,15 @@ pub unsafe fn launch_gemm(
 
 /// `C = A·Bᵀ` for A [M,K] and B [N,K] bf16 tensors on the same backend; C [M,N] in `out` dtype.
 ///
-/// On a device this runs the tensor-core kernel; on the CPU, f32 products of the bf16 values
-/// summed in f32 (rayon over rows).
+/// On a device this runs the tensor-core kernel; on the CPU, the CPU backend's f32 GEMM
+/// ([`matmul::gemm_new`]) on the bf16 values widened to f32.
 pub fn gemm_bf16(a: &Tensor, b: &Tensor, out: DType, backend: &Backend) -> Result<Tensor> {
     let (m, k, n) = check_operands(a, b)?;
     match backend {
         Backend::Cpu => {
             let (ha, hb) = (a.to_host()?, b.to_host()?);
             let (fa, fb) = (ha.to_f32(), hb.to_f32());
-            let mut c = vec![0f32; m * n];
-            c.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-                for (j, cij) in row.iter_mut().enumerate() {
-                    *cij = fa[i * k..(i + 1) * k].iter().zip(&fb[j * k..(j + 1) * k]).map(|(x, y)| x * y).sum();
-                }
-            });
+            let c = matmul::gemm_new(m, n, k, 1.0, &fa, Tr::N, &fb, Tr::T, true);
             let data = match out {
                 DType::F32 => HostData::F32(c),
                 DType::BF16 => HostData::BF16(c.iter().map(|&v| bf16::from_f32(v)).collect()),

@@ -9,10 +9,10 @@
 use crate::device::params::ElementwiseParams;
 use crate::device::{blocks_for, Backend, Device, DevicePtr, KernelParams, LaunchConfig, ParamBytes};
 use crate::ops::gemm::{launch_gemm, GemmLayout, GemmShape};
-use crate::ops::lora_kernels::{dropout_params, LoraWeights};
+use crate::ops::lora_kernels::{dims, dropout_params, Dims, LoraWeights};
 use crate::ops::philox::DropoutMask;
 use crate::tensor::{DType, Tensor};
-use crate::{Error, Result};
+use crate::Result;
 use std::sync::Arc;
 
 // SAFETY: bindgen-generated #[repr(C)] mirror of kernels/params.h.
@@ -61,18 +61,6 @@ fn masked_axpy(
     elementwise(dev, "masked_axpy_f32", &p)
 }
 
-fn check(x: &Tensor, w: &LoraWeights) -> Result<(usize, usize, usize, usize)> {
-    let (m, k) = (x.shape()[0], x.shape()[1]);
-    let (n, r) = (w.w0.shape()[0], w.a.shape()[0]);
-    if x.dtype() != DType::BF16 || w.a.shape() != [r, k] || w.b.shape() != [n, r] || w.w0.shape() != [n, k] {
-        return Err(Error::shape(
-            "lora_unfused",
-            format!("x {:?}, W0 {:?}, A {:?}, B {:?}", x.shape(), w.w0.shape(), w.a.shape(), w.b.shape()),
-        ));
-    }
-    Ok((m, n, k, r))
-}
-
 /// Unfused forward with LoRA scale `s` (one target).
 pub fn lora_forward_unfused(
     dev: &Arc<dyn Device>,
@@ -81,7 +69,7 @@ pub fn lora_forward_unfused(
     s: f32,
     drop: &DropoutMask,
 ) -> Result<UnfusedForward> {
-    let (m, n, k, r) = check(x, w)?;
+    let Dims { m, n, k, r } = dims(x, w)?;
     let backend = Backend::Device(dev.clone());
     let d = dev.as_ref();
     let x_dropped = if drop.is_identity() {
@@ -147,7 +135,7 @@ pub fn lora_backward_unfused(
     saved: &UnfusedForward,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (m, n, k, r) = check(x, w)?;
+    let Dims { m, n, k, r } = dims(x, w)?;
     let backend = Backend::Device(dev.clone());
     let d = dev.as_ref();
     let lora_in = saved.x_dropped.as_ref().unwrap_or(x);
