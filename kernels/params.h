@@ -69,11 +69,12 @@ typedef struct LoraForwardParams {
 
 /// LoRA linear backward, kernels lora_bwd_*. Inputs as in the forward plus
 /// s_scaled [M,R] (saved), dy [M,N]. Outputs:
-///   ds [M,R] bf16 = (dy·B) ⊙ col_scale                          (lora_bwd_ds)
-///   partials of dB [N,R] = dyᵀ·s_scaled, of dA [R,K] = dsᵀ·(mask⊙x) into `workspace`,
-///     one [rows, cols] slab per K-split (lora_bwd_db, lora_bwd_da; reduce with splitk_reduce)
-///   dx [M,K] = drop'(ds·A) + dy·W0 (f32 or bf16 by kernel name)   (lora_bwd_dx_*)
-/// `splits` K-splits over M, each `split_rows` rows (a multiple of 64).
+///   ds [M,R] bf16 = (dy·B) ⊙ col_scale, and the partials of dB [N,R] = dyᵀ·s_scaled into
+///     `workspace`, one [N,R] f32 slab per 128 rows of M                  (lora_bwd_ds_db)
+///   partials of dA [R,K] = dsᵀ·(mask⊙x) into `workspace`, one [R,K] slab per K-split of
+///     `split_rows` rows (a multiple of 64)                               (lora_bwd_da)
+///   dx [M,K] = drop'(ds·A) + dy·W0 (f32 or bf16 by kernel name)          (lora_bwd_dx_*)
+/// Partials are summed by splitk_reduce.
 typedef struct LoraBackwardParams {
     const lf_bf16* x;
     const lf_bf16* w0;

@@ -5,12 +5,15 @@
 mod common;
 
 use common::lora::*;
+use half::bf16;
+use lorafuse::device::params::{DropoutParams, LoraBackwardParams};
 use lorafuse::device::sim::{Schedule, Sim};
-use lorafuse::device::{Backend, Device};
-use lorafuse::ops::lora_kernels::{lora_forward, LoraWeights};
+use lorafuse::device::{Backend, Device, DeviceBuffer};
+use lorafuse::ops::gemm::{launch_gemm, GemmLayout, GemmShape};
+use lorafuse::ops::lora_kernels::{ds_db_splits, launch_bwd_ds_db, lora_forward, LoraWeights, DS_DB_ROWS};
 use lorafuse::ops::philox::DropoutMask;
 use lorafuse::tensor::DType;
-use lorafuse::testing::TestRng;
+use lorafuse::testing::{rel_err, TestRng};
 use std::sync::Arc;
 
 #[test]
@@ -66,4 +69,102 @@ fn unfused_rejects_a_vector_input() {
     let err =
         lorafuse::ops::lora_unfused::lora_forward_unfused(&dev, &x, &w, 1.0, &DropoutMask::new(0.0, 0, 0)).unwrap_err();
     assert!(err.to_string().contains("matrices"), "{err}");
+}
+
+/// `lora_bwd_ds_db` alone (dS and the dB partials from one pass over dy), on outputs poisoned
+/// with NaN, under every schedule: dS equals the GEMM dy·B (`gemm_bf16_nn_f32out` on the same
+/// device) scaled per column and rounded to bf16, bit for bit, and float64 within bf16 rounding;
+/// every [N,R] partial slab equals float64 over its 128 rows of M (1e-5). Ragged shapes: M = 1,
+/// N not a multiple of the 64-wide step (or of 8: 2-byte loads), R ∈ {1, 8, 16, 64} and R = 80
+/// (two 64-column blocks).
+#[test]
+fn bwd_ds_db_matches_gemm_and_f64_on_ragged_shapes() {
+    let cases = [(1, 24, 1), (1, 200, 16), (130, 65, 8), (257, 129, 64), (40, 7, 16), (129, 64, 1), (70, 100, 80)];
+    for schedule in [Schedule::Lockstep, Schedule::Random(3), Schedule::WarpAhead(7), Schedule::WarpAhead(12)] {
+        let dev: Arc<dyn Device> = Arc::new(Sim::new(schedule));
+        for (i, &(m, n, r)) in cases.iter().enumerate() {
+            check_ds_db(&dev, m, n, r, 100 + i as u64);
+        }
+    }
+}
+
+fn check_ds_db(dev: &Arc<dyn Device>, m: usize, n: usize, r: usize, seed: u64) {
+    let backend = Backend::Device(dev.clone());
+    let mut rng = TestRng::new(seed);
+    let dy = bf16_vec(&mut rng, m * n, 1.0);
+    let b = bf16_vec(&mut rng, n * r, 0.5);
+    let ss = bf16_vec(&mut rng, m * r, 0.5);
+    let cs: Vec<f32> = (0..r).map(|j| 0.5 + 0.25 * (j % 3) as f32).collect();
+    let (tdy, tb, tss) = (
+        upload(&backend, &[m, n], &dy, DType::BF16),
+        upload(&backend, &[n, r], &b, DType::BF16),
+        upload(&backend, &[m, r], &ss, DType::BF16),
+    );
+    let tcs = upload(&backend, &[r], &cs, DType::F32);
+    let splits = ds_db_splits(m);
+    let poisoned = |bytes: usize| {
+        let buf = DeviceBuffer::new(dev, bytes).unwrap();
+        buf.fill(0xFF).unwrap();
+        buf
+    };
+    let (ds, ws, gemm) = (poisoned(m * r * 2), poisoned(splits * n * r * 4), poisoned(m * r * 4));
+    let null = std::ptr::null_mut();
+    let p = LoraBackwardParams {
+        x: null,
+        w0: null,
+        a: null,
+        b: tb.device_ptr().unwrap().as_ptr(),
+        s_scaled: tss.device_ptr().unwrap().as_ptr(),
+        dy: tdy.device_ptr().unwrap().as_ptr(),
+        ds: ds.ptr().as_mut_ptr(),
+        workspace: ws.ptr().as_mut_ptr(),
+        dx: null.cast(),
+        col_scale: tcs.device_ptr().unwrap().as_ptr(),
+        m: m as i32,
+        n: n as i32,
+        k: 0,
+        r: r as i32,
+        split_rows: 0,
+        dropout: DropoutParams { seed: 0, offset: 0, threshold: 0, scale: 1.0 },
+    };
+    // SAFETY: the buffers hold the sizes launch_bwd_ds_db and launch_gemm document.
+    unsafe {
+        launch_bwd_ds_db(dev.as_ref(), &p).unwrap();
+        let shape = GemmShape::dense_for(GemmLayout::Nn, m, r, n);
+        launch_gemm(
+            dev.as_ref(),
+            tdy.device_ptr().unwrap(),
+            tb.device_ptr().unwrap(),
+            gemm.ptr(),
+            shape,
+            GemmLayout::Nn,
+            DType::F32,
+        )
+        .unwrap();
+    }
+    dev.synchronize().unwrap();
+    let what = format!("{} m={m} n={n} r={r}", dev.name());
+    let got_ds: Vec<f32> = bytemuck::pod_collect_to_vec::<u8, u16>(&ds.to_host().unwrap())
+        .into_iter()
+        .map(|h| bf16::from_bits(h).to_f32())
+        .collect();
+    let dy_b: Vec<f32> = bytemuck::pod_collect_to_vec(&gemm.to_host().unwrap());
+    for (e, (&g, &c)) in got_ds.iter().zip(&dy_b).enumerate() {
+        let want = bf16::from_f32(c * cs[e % r]).to_f32();
+        assert!(g == want, "{what}: dS[{}][{}] = {g}, the GEMM gives {want}", e / r, e % r);
+    }
+    let ds_ref: Vec<f64> = (0..m * r)
+        .map(|e| (0..n).map(|t| dy[e / r * n + t] as f64 * b[t * r + e % r] as f64).sum::<f64>() * cs[e % r] as f64)
+        .collect();
+    let e_ds = rel_err(&got_ds, &ds_ref);
+    assert!(e_ds <= BF16_TOL, "{what}: dS rel err {e_ds:e}");
+    let partials: Vec<f32> = bytemuck::pod_collect_to_vec(&ws.to_host().unwrap());
+    for z in 0..splits {
+        let rows = z * DS_DB_ROWS..(m.min((z + 1) * DS_DB_ROWS));
+        let want: Vec<f64> = (0..n * r)
+            .map(|e| rows.clone().map(|t| dy[t * n + e / r] as f64 * ss[t * r + e % r] as f64).sum())
+            .collect();
+        let e_db = rel_err(&partials[z * n * r..][..n * r], &want);
+        assert!(e_db <= EXACT_TOL, "{what}: dB partial {z} rel err {e_db:e}");
+    }
 }

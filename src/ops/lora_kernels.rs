@@ -1,5 +1,5 @@
 //! Launch code for the LoRA kernels of `kernels/lora.cu` (forward: split strategy; backward:
-//! dS, dB, dA, dx), on any [`Device`]. The CPU reference is [`crate::ops::lora`].
+//! dS and dB from one pass over dy, dA, dx), on any [`Device`]. The CPU reference is [`crate::ops::lora`].
 //!
 //! Shapes: x [M,K], W0 [N,K], A [R,K], B [N,R] (bf16); `col_scale` [R] f32 = alpha/r (or
 //! alpha/√r) per column of S, so several targets stacked along R keep their own scale.
@@ -23,8 +23,40 @@ unsafe impl KernelParams for QloraBackwardParams {}
 
 const TILE: usize = 128;
 const THREADS: u32 = 256;
-/// Blocks to aim for when splitting the M reduction of dA and dB (≈ 2 waves on 132 SMs).
+/// Blocks to aim for when splitting the M reduction of dA (≈ 2 waves on 132 SMs).
 const TARGET_BLOCKS: usize = 264;
+/// Rows of M per block of `lora_bwd_ds_db`, i.e. per dB partial slab.
+pub const DS_DB_ROWS: usize = 128;
+/// Columns of R per block of `lora_bwd_ds_db` (dy is read once per such chunk of R).
+pub const DS_DB_RANK_COLS: usize = 64;
+
+/// The number of [N,R] f32 dB partial slabs `lora_bwd_ds_db` writes for M rows.
+pub fn ds_db_splits(m: usize) -> usize {
+    m.div_ceil(DS_DB_ROWS)
+}
+
+/// Launches `lora_bwd_ds_db`: from one read of dy, `p.ds` [M,R] bf16 = (dy·B) ⊙ col_scale
+/// (bit-identical to a GEMM of dy·B, then scaled and rounded) and, into `p.workspace`, slab z of
+/// [`ds_db_splits`]`(M)` = dy[rows]ᵀ·s_scaled[rows] [N,R] f32 over rows 128z..128z+127 of M, for
+/// `splitk_reduce` to sum in z order (deterministic, no atomics). Reads `dy`, `b`, `s_scaled`,
+/// `col_scale` and the sizes m, n, r of `p`; nothing else. Any R: blocks take 64 columns each.
+///
+/// # Safety
+/// As [`Device::launch`]: `p.dy` [M,N], `p.b` [N,R], `p.s_scaled` [M,R] (bf16), `p.col_scale`
+/// [R] f32 and the outputs `p.ds` [M,R] bf16 and `p.workspace` (`ds_db_splits(M)·N·R` f32) must
+/// be live device memory.
+pub unsafe fn launch_bwd_ds_db(dev: &dyn Device, p: &LoraBackwardParams) -> Result<()> {
+    let (m, r) = (p.m.max(0) as usize, p.r.max(0) as usize);
+    if m == 0 || r == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: (blocks_for(r, DS_DB_RANK_COLS)?, blocks_for(m, DS_DB_ROWS)?, 1),
+        block: (THREADS, 1, 1),
+        dynamic_smem_bytes: 0,
+    };
+    dev.launch("lora_bwd_ds_db", &cfg, ParamBytes::new(p))
+}
 
 /// The kernels' view of a dropout mask (same bits as the CPU's [`DropoutMask`]).
 pub(crate) fn dropout_params(m: &DropoutMask) -> DropoutParams {
@@ -269,16 +301,20 @@ pub struct LoraGrads {
     pub db: Tensor,
 }
 
-/// K-splits of the M reduction so that `tiles` output tiles become about [`TARGET_BLOCKS`]
-/// blocks; each split covers a multiple of 64 rows.
+/// K-splits of the M reduction of dA so that `tiles` output tiles become about
+/// [`TARGET_BLOCKS`] blocks; each split covers a multiple of 64 rows.
 fn splits_for(m: usize, tiles: usize) -> (usize, usize) {
     let want = TARGET_BLOCKS.div_ceil(tiles.max(1)).clamp(1, m.div_ceil(256).max(1));
     let split_rows = m.div_ceil(want).div_ceil(64) * 64;
     (m.div_ceil(split_rows.max(1)).max(1), split_rows.max(64))
 }
 
-/// Fused backward: dS (one pass over dy), dB and dA (split over M, deterministic reduction),
-/// dx as the base GEMM dy·W0 with its accumulator started at the masked dS·A term.
+/// Fused backward: dS and dB from one pass over dy ([`launch_bwd_ds_db`]; dB's per-128-row
+/// partials summed by a deterministic reduction), dA (split over M, the same reduction), dx as
+/// the base GEMM dy·W0 with its accumulator started at the masked dS·A term.
+///
+/// Workspace: ⌈M/128⌉·N·R f32 for dB's partials (the size of dy at R = 64), then
+/// splits·R·K f32 for dA's.
 pub fn lora_backward(
     dev: &Arc<dyn Device>,
     x: &Tensor,
@@ -312,7 +348,7 @@ pub(crate) fn lora_backward_with(
     let dx_kernel = out_kernel("lora_bwd_dx", out)?;
     let dropout = dropout_params(drop);
 
-    let (db_splits, db_rows) = splits_for(d.m, d.r.div_ceil(TILE) * d.n.div_ceil(TILE));
+    let db_splits = ds_db_splits(d.m);
     let (da_splits, da_rows) = splits_for(d.m, d.k.div_ceil(TILE) * d.r.div_ceil(TILE));
     let ws_db = DeviceBuffer::new(dev, db_splits * d.n * d.r * 4)?;
     let ws_da = DeviceBuffer::new(dev, da_splits * d.r * d.k * 4)?;
@@ -331,7 +367,7 @@ pub(crate) fn lora_backward_with(
         n: d.n as i32,
         k: d.k as i32,
         r: d.r as i32,
-        split_rows: db_rows as i32,
+        split_rows: da_rows as i32,
         dropout,
     };
     let reduce = |partial: DevicePtr, out: DevicePtr, len: usize, splits: usize, scale: f32| -> Result<()> {
@@ -357,11 +393,9 @@ pub(crate) fn lora_backward_with(
     // SAFETY: all pointers are live device tensors/buffers of the validated shapes.
     unsafe {
         if d.m > 0 && d.r > 0 {
-            dev.launch("lora_bwd_ds", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
-            dev.launch("lora_bwd_db", &grid(d.r, d.n, db_splits)?, ParamBytes::new(&p))?;
+            launch_bwd_ds_db(dev.as_ref(), &p)?;
             reduce(ws_db.ptr(), db.device_ptr()?, d.n * d.r, db_splits, 1.0)?;
             p.workspace = ws_da.ptr().as_mut_ptr();
-            p.split_rows = da_rows as i32;
             dev.launch("lora_bwd_da", &grid(d.k, d.r, da_splits)?, ParamBytes::new(&p))?;
             reduce(ws_da.ptr(), da.device_ptr()?, d.r * d.k, da_splits, drop_scale)?;
         } else {

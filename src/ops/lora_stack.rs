@@ -7,7 +7,8 @@
 //! Then `y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ c)·Bᵀ` holds every target's output side by side, and the
 //! fused backward gives `dA` stacked and `dB`'s diagonal blocks (the off-diagonal blocks of the
 //! full `dB` are gradients of the structural zeros and are dropped). The zeros cost ΣR−r_t
-//! extra K columns per output row: for q/k/v at r = 16 that is 32 of 4096+48 columns.
+//! extra K columns per output row: for q/k/v at r = 16 that is 32 of 4096+48 columns. Backward
+//! reads dy once per 64 columns of ΣR for dS and dB (`lora_bwd_ds_db`): once for q/k/v at r = 16.
 //!
 //! Host-side assembly (f32 values; the caller converts/uploads with `LoraLinear::prepare` or
 //! `Tensor::to_backend`), so every kernel stays one kernel.

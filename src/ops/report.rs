@@ -22,8 +22,10 @@ pub struct ReportRow {
     pub stats: SimStats,
 }
 
-/// Runs base GEMM, fused (split, single pass) and unfused LoRA forward and forward+backward in the
-/// simulator on x [m,k], W0 [n,k], rank r, dropout p, and returns their counters.
+/// Runs base GEMM, fused (split, single pass) and unfused LoRA forward, backward and
+/// forward+backward in the simulator on x [m,k], W0 [n,k], rank r, dropout p, and returns their
+/// counters. The fused backward reads dy once for dS and dB (`lora_bwd_ds_db`), then once more
+/// in the dx GEMM that dy·W0 needs anyway.
 pub fn lora_traffic(m: usize, n: usize, k: usize, r: usize, p: f32) -> Result<Vec<ReportRow>> {
     let dev: Arc<dyn Device> = Arc::new(Sim::new(Schedule::Lockstep));
     let backend = Backend::Device(dev.clone());
@@ -72,6 +74,14 @@ pub fn lora_traffic(m: usize, n: usize, k: usize, r: usize, p: f32) -> Result<Ve
             DType::F32,
         )
     })?;
+    let fused = lora_kernels::lora_forward(&dev, &x, &w, &mask, DType::F32)?;
+    measure("fused backward", &mut || {
+        lora_kernels::lora_backward(&dev, &x, &w, &fused.s_scaled, &dy, &mask, DType::F32).map(drop)
+    })?;
+    let unfused = lora_unfused::lora_forward_unfused(&dev, &x, &w, 2.0, &mask)?;
+    measure("unfused backward", &mut || {
+        lora_unfused::lora_backward_unfused(&dev, &x, &w, 2.0, &mask, &unfused, &dy).map(drop)
+    })?;
     measure("fused (split) fwd+bwd", &mut || {
         let f = lora_kernels::lora_forward(&dev, &x, &w, &mask, DType::F32)?;
         lora_kernels::lora_backward(&dev, &x, &w, &f.s_scaled, &dy, &mask, DType::F32).map(drop)
@@ -83,7 +93,8 @@ pub fn lora_traffic(m: usize, n: usize, k: usize, r: usize, p: f32) -> Result<Ve
     Ok(rows)
 }
 
-/// The table `lorafuse report` prints: bytes and FLOPs, and ratios to the base GEMM(s).
+/// The table `lorafuse report` prints: bytes and FLOPs, and ratios to the base GEMM(s): forward
+/// rows to x·W0ᵀ, backward rows to dy·W0, forward+backward rows to both.
 pub fn format_table(rows: &[ReportRow]) -> String {
     let base = |name: &str| rows.iter().find(|r| r.name.starts_with(name)).map(|r| r.stats);
     let fwd_base = base("base GEMM").unwrap_or_default();
@@ -99,7 +110,13 @@ pub fn format_table(rows: &[ReportRow]) -> String {
         "launches", "read (B)", "written (B)", "MMA FLOP", "bytes ×", "FLOP ×"
     );
     for r in rows {
-        let reference = if r.name.contains("fwd+bwd") { both } else { fwd_base };
+        let reference = if r.name.contains("fwd+bwd") {
+            both
+        } else if r.name.contains("backward") || r.name.starts_with("base dx") {
+            bwd_base
+        } else {
+            fwd_base
+        };
         let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
         let s = r.stats;
         out += &format!(
