@@ -9,8 +9,29 @@
 //! The gradient is computed in the same pass (it is all backward needs), so the op saves
 //! `dlogits` instead of the logits.
 
+use super::simd::exp;
 use crate::{Error, Result};
 use rayon::prelude::*;
+
+crate::simd_fn! {
+    /// `g = softmax(l)·scale`; returns `log Σ exp(l)`. One (vectorized) exp per logit: the
+    /// exponentials are kept and normalized rather than recomputed from the log-sum-exp.
+    fn softmax_row(l: &[f32], scale: f32, g: &mut [f32]) -> f32 {
+        // Maximum and sum in 16 lanes each (a single running max or sum does not vectorize).
+        let mut mx = [f32::NEG_INFINITY; 16];
+        l.chunks(16).for_each(|c| c.iter().zip(&mut mx).for_each(|(&x, m)| *m = m.max(x)));
+        let mx = mx.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        g.iter_mut().zip(l).for_each(|(g, &x)| *g = exp(x - mx));
+        let mut acc = [0f32; 16];
+        let chunks = g.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().sum();
+        chunks.for_each(|c| acc.iter_mut().zip(c).for_each(|(a, &e)| *a += e));
+        let sum = acc.iter().sum::<f32>() + tail;
+        let s = scale / sum;
+        g.iter_mut().for_each(|g| *g *= s);
+        mx + sum.ln()
+    }
+}
 
 /// Label value that is not counted (PyTorch's default `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -40,10 +61,7 @@ pub fn causal_lm_loss(logits: &[f32], labels: &[i64], seq: usize, vocab: usize) 
             if t == IGNORE_INDEX {
                 return 0.0;
             }
-            let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = l.iter().map(|x| (x - mx).exp()).sum();
-            let lse = mx + sum.ln();
-            g.iter_mut().zip(l).for_each(|(g, x)| *g = (x - lse).exp() * inv);
+            let lse = softmax_row(l, inv, g);
             g[t as usize] -= inv;
             (lse - l[t as usize]) as f64
         })
