@@ -190,9 +190,142 @@ unsafe fn gemm_raw(
     }
 }
 
+/// A read-only matrix operand with arbitrary strides: element `(i, t)` is `d[i·rs + t·cs]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub d: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View<'_> {
+    fn check(&self, rows: usize, cols: usize) {
+        assert!(rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.d.len(), "view too short");
+    }
+}
+
+/// `P[m, kk]·Q[kk, n]` for GEMMs with one tiny dimension (a LoRA rank), handed to `put(i, j0, v)`
+/// in row pieces: `v[w]` is element `(i, j0 + w)`, so the caller's epilogue (overwrite, scale
+/// and add, dropout mask) runs on the registers before anything is stored.
+///
+/// No packing: with `kk` or `n` at most a few dozen, packing copies as many bytes as the kernel
+/// reads, and `matrixmultiply` spends as long packing as multiplying. The operands are read in
+/// place (`Q` rows are contiguous, `P` is any [`View`], e.g. a transposed one) while register
+/// tiles of `MR × W` accumulate with FMA. `#[inline(always)]`: call it from a
+/// [`crate::simd_fn!`] body so the tiles are compiled for AVX-512/AVX2 (the baseline build
+/// computes the same values through software `fma`, slowly).
+#[inline(always)]
+pub(crate) fn skinny_gemm(m: usize, n: usize, kk: usize, p: View, q: View, put: &mut impl FnMut(usize, usize, &[f32])) {
+    assert_eq!(q.cs, 1, "skinny_gemm: Q rows must be contiguous");
+    // Strides hidden from the optimizer: with a constant `p.rs = 1` (a transposed operand) LLVM
+    // vectorizes across the tile's rows instead and keeps the accumulators in memory, gathering
+    // and scattering them on every step (measured 30× slower).
+    let p = View { d: p.d, rs: std::hint::black_box(p.rs), cs: std::hint::black_box(p.cs) };
+    p.check(m, kk);
+    q.check(kk, n);
+    let mut j0 = 0;
+    // Widest tiles first: 6 × 64 keeps 24 accumulators (AVX-512 registers) with 10 loads per 24
+    // FMAs; narrower column tails (ranks 8 and 16) take taller tiles to keep enough FMAs in flight.
+    j0 = skinny_cols::<6, 64>(m, n, kk, j0, p, q, put);
+    j0 = skinny_cols::<8, 16>(m, n, kk, j0, p, q, put);
+    j0 = skinny_cols::<8, 8>(m, n, kk, j0, p, q, put);
+    skinny_cols::<8, 1>(m, n, kk, j0, p, q, put);
+}
+
+/// Column tiles of width `W` from `j0` while they fit; returns the first column left.
+#[inline(always)]
+fn skinny_cols<const MR: usize, const W: usize>(
+    m: usize,
+    n: usize,
+    kk: usize,
+    mut j0: usize,
+    p: View,
+    q: View,
+    put: &mut impl FnMut(usize, usize, &[f32]),
+) -> usize {
+    while n - j0 >= W {
+        let mut i0 = 0;
+        while m - i0 >= MR {
+            skinny_tile::<MR, W>(kk, i0, j0, p, q, put);
+            i0 += MR;
+        }
+        while m - i0 >= 4 {
+            skinny_tile::<4, W>(kk, i0, j0, p, q, put);
+            i0 += 4;
+        }
+        while i0 < m {
+            skinny_tile::<1, W>(kk, i0, j0, p, q, put);
+            i0 += 1;
+        }
+        j0 += W;
+    }
+    j0
+}
+
+#[inline(always)]
+fn skinny_tile<const MR: usize, const W: usize>(
+    kk: usize,
+    i0: usize,
+    j0: usize,
+    p: View,
+    q: View,
+    put: &mut impl FnMut(usize, usize, &[f32]),
+) {
+    let mut acc = [[0f32; W]; MR];
+    for t in 0..kk {
+        // SAFETY: `skinny_gemm` checked that P holds rows 0..m and Q rows 0..kk, columns 0..n;
+        // the tile lies inside (i0 + MR <= m, j0 + W <= n).
+        let qv: &[f32; W] = unsafe { &*(q.d.as_ptr().add(t * q.rs + j0) as *const [f32; W]) };
+        for (i, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let pv = unsafe { *p.d.get_unchecked((i0 + i) * p.rs + t * p.cs) };
+            for w in 0..W {
+                acc[w] = pv.mul_add(qv[w], acc[w]);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        put(i0 + i, j0, acc);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TestRng;
+
+    /// `‖got − want‖ / ‖want‖`; NaN anywhere makes it NaN, which fails every `<` check.
+    fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+        let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+        (num / want.iter().map(|w| w * w).sum::<f64>()).sqrt()
+    }
+
+    crate::simd_fn! {
+        /// `skinny_gemm` compiled for the widest vector extension, overwriting `c [m, n]`.
+        fn skinny_simd(dims: (usize, usize, usize), p: View, q: View, c: &mut [f32]) {
+            let (m, n, kk) = dims;
+            skinny_gemm(m, n, kk, p, q, &mut |i, j0, v| c[i * n + j0..][..v.len()].copy_from_slice(v));
+        }
+    }
+
+    #[test]
+    fn skinny_gemm_matches_f64_on_ragged_and_transposed_operands() {
+        let mut rng = TestRng::new(9);
+        // Sizes around every tile width (64, 16, 8, 1) and height (6/8, 4, 1).
+        for (m, n, kk) in [(1, 1, 1), (13, 16, 1024), (64, 1024, 16), (16, 203, 70), (203, 8, 33), (7, 79, 5)] {
+            for p_transposed in [false, true] {
+                let (pd, qd) = (rng.vec_f32(m * kk), rng.vec_f32(kk * n));
+                let p = if p_transposed { View { d: &pd, rs: 1, cs: m } } else { View { d: &pd, rs: kk, cs: 1 } };
+                let want: Vec<f64> = (0..m * n)
+                    .map(|e| (0..kk).map(|t| pd[e / n * p.rs + t * p.cs] as f64 * qd[t * n + e % n] as f64).sum())
+                    .collect();
+                let mut c = vec![f32::NAN; m * n];
+                skinny_simd((m, n, kk), p, View { d: &qd, rs: n, cs: 1 }, &mut c);
+                let err = rel_err(&c, &want);
+                assert!(err < 1e-6, "m{m} n{n} k{kk} transposed {p_transposed}: {err:e}");
+            }
+        }
+    }
 
     #[test]
     fn all_transposes_match_naive() {

@@ -79,9 +79,11 @@ impl DropoutMask {
         self.words(e >> 2)[(e & 3) as usize] >= self.threshold
     }
     /// Random words of elements `start .. start + out.len()` (`out[i]` belongs to element
-    /// `start + i`), computed 16 Philox blocks at a time so the compiler vectorizes them.
+    /// `start + i`), computed 32 Philox blocks at a time so the compiler vectorizes them.
     pub fn fill_words(&self, start: u64, out: &mut [u32]) {
-        const LANES: usize = 16;
+        // 32 blocks = four AVX-512 registers per counter word: enough independent multiply chains
+        // to hide `vpmuludq`'s latency (2× faster than 16 blocks); 64 spills (measured).
+        const LANES: usize = 32;
         let mut e = start;
         let mut i = 0;
         // Unaligned head: element-wise until e is a multiple of 4.
@@ -121,12 +123,23 @@ impl DropoutMask {
         for (c, (xs, os)) in x.chunks(1024).zip(out.chunks_mut(1024)).enumerate() {
             let w = &mut words[..xs.len()];
             self.fill_words(start + (c * 1024) as u64, w);
-            crate::ops::simd::with_simd(|| {
-                for ((o, &v), &w) in os.iter_mut().zip(xs).zip(w.iter()) {
-                    *o = if w >= self.threshold { v * self.scale } else { 0.0 };
-                }
-            });
+            self.apply_words(w, xs, os, false);
         }
+    }
+
+    /// Dropout of `x` by words from [`Self::fill_words`]: `out[i] = drop(x)[i]`, or
+    /// `out[i] += drop(x)[i]` with `accumulate` (the words can then serve several tensors).
+    pub fn apply_words(&self, words: &[u32], x: &[f32], out: &mut [f32], accumulate: bool) {
+        let (t, sc) = (self.threshold, self.scale);
+        let kept = move |w: u32, v: f32| if w >= t { v * sc } else { 0.0 };
+        let it = out.iter_mut().zip(x.iter().zip(words));
+        crate::ops::simd::with_simd(|| {
+            if accumulate {
+                it.for_each(|(o, (&v, &w))| *o += kept(w, v));
+            } else {
+                it.for_each(|(o, (&v, &w))| *o = kept(w, v));
+            }
+        });
     }
 }
 
@@ -137,32 +150,35 @@ impl DropoutMask {
 fn philox_blocks<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
     #[inline(always)]
     fn body<const L: usize>(m: &DropoutMask, g0: u64, out: &mut [u32]) {
-        let (mut c0, mut c1, mut c2, mut c3) =
-            ([0u32; L], [0u32; L], [m.offset as u32; L], [(m.offset >> 32) as u32; L]);
+        // Counter words live in the low halves of u64 lanes: `(c & LO) * M` is then the 32×32→64
+        // product `vpmuludq` computes, with no widening or narrowing shuffles between rounds.
+        // High halves hold garbage that every use masks off.
+        const LO: u64 = 0xffff_ffff;
+        let (mut c0, mut c1, mut c2, mut c3) = ([0u64; L], [0u64; L], [m.offset; L], [m.offset >> 32; L]);
         for j in 0..L {
             let g = g0 + j as u64;
-            c0[j] = g as u32;
-            c1[j] = (g >> 32) as u32;
+            c0[j] = g;
+            c1[j] = g >> 32;
         }
-        let (mut k0, mut k1) = (m.seed as u32, (m.seed >> 32) as u32);
+        let (mut k0, mut k1) = (m.seed & LO, m.seed >> 32);
         for round in 0..10 {
             if round > 0 {
-                k0 = k0.wrapping_add(W0);
-                k1 = k1.wrapping_add(W1);
+                k0 = k0.wrapping_add(W0 as u64);
+                k1 = k1.wrapping_add(W1 as u64);
             }
             for j in 0..L {
-                let p0 = M0 as u64 * c0[j] as u64;
-                let p1 = M1 as u64 * c2[j] as u64;
-                let n0 = ((p1 >> 32) as u32) ^ c1[j] ^ k0;
-                let n2 = ((p0 >> 32) as u32) ^ c3[j] ^ k1;
-                c1[j] = p1 as u32;
-                c3[j] = p0 as u32;
+                let p0 = (c0[j] & LO) * M0 as u64;
+                let p1 = (c2[j] & LO) * M1 as u64;
+                let n0 = (p1 >> 32) ^ c1[j] ^ k0;
+                let n2 = (p0 >> 32) ^ c3[j] ^ k1;
+                c1[j] = p1;
+                c3[j] = p0;
                 c0[j] = n0;
                 c2[j] = n2;
             }
         }
         for j in 0..L {
-            out[4 * j..4 * j + 4].copy_from_slice(&[c0[j], c1[j], c2[j], c3[j]]);
+            out[4 * j..4 * j + 4].copy_from_slice(&[c0[j] as u32, c1[j] as u32, c2[j] as u32, c3[j] as u32]);
         }
     }
     #[inline(always)]
@@ -252,13 +268,28 @@ mod tests {
     #[test]
     fn vectorized_words_match_scalar() {
         let m = DropoutMask::new(0.1, 0xdead_beef_0123_4567, 1 << 40);
-        for (start, len) in [(0u64, 200), (3, 200), ((1 << 34) - 5, 200), (8, 688), (1, 70)] {
+        let ragged = [1usize, 15, 16, 127, 128, 129, 143, 255, 256, 300, 1000].into_iter();
+        let cases = ragged.flat_map(|len| (0..8u64).map(move |start| (start * 1021, len)));
+        for (start, len) in [(0u64, 200), (3, 200), ((1 << 34) - 5, 200), (8, 688), (1, 70)].into_iter().chain(cases) {
             let mut w = vec![0u32; len];
             m.fill_words(start, &mut w);
             for (i, &v) in w.iter().enumerate() {
                 let e = start + i as u64;
                 assert_eq!(v, m.words(e >> 2)[(e & 3) as usize], "element {e}");
             }
+        }
+    }
+
+    #[test]
+    fn apply_words_accumulates_kept_elements() {
+        let m = DropoutMask::new(0.4, 3, 9);
+        let x: Vec<f32> = (0..300).map(|i| i as f32 - 100.0).collect();
+        let mut w = vec![0u32; 300];
+        m.fill_words(77, &mut w);
+        let mut out = vec![1.0f32; 300];
+        m.apply_words(&w, &x, &mut out, true);
+        for (i, (&o, &v)) in out.iter().zip(&x).enumerate() {
+            assert_eq!(o, 1.0 + if m.keep(77 + i as u64) { v * m.scale } else { 0.0 });
         }
     }
 
