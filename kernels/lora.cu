@@ -10,15 +10,21 @@
 // (philox.cuh) in every kernel that needs it.
 //
 // Bytes and FLOPs (bf16 in, M·K = |x|, r = R):
-//   lora_down            2·M·R·K FLOP;  reads x once (2·M·K B) + A per M-tile; writes 6·M·R B
-//   lora_fwd_split_*     2·M·N·(K+R) FLOP; the base GEMM's traffic + the r extra K columns
-//   lora_bwd_ds_db       4·M·N·R FLOP;  reads dy once per 64 columns of R (2·M·N B) for dS and
+//   lora_down_rt*        2·M·R16·K FLOP issued (R16 = 16·⌈R/16⌉); reads x once per R tile
+//                        (2·M·K·⌈R/64⌉ B for R > 64, else once) + A per M-tile; writes 6·M·R B
+//   lora_fwd_split_*     2·M·N·(K+64·⌈R/64⌉) FLOP issued (the up-projection is R extra K
+//                        columns, K-steps of 64); the base GEMM's traffic + the r extra columns
+//   lora_bwd_ds_db       4·M·N·R16 FLOP; reads dy once per 64 columns of R (2·M·N B) for dS and
 //                        the per-128-row partials of dB (splitk_reduce sums them), see below
-//   lora_bwd_da          2·R·K·M FLOP;  split over M, partials reduced by splitk_reduce
-//   lora_bwd_dx_*        2·M·K·(N+R) FLOP; the base dx GEMM's traffic + r extra K columns
-// Except in lora_bwd_ds_db, the R dimension occupies a 128-wide tile (R ≤ 128 per tile, zero-
-// padded): for R = 16 those products issue 8× their FLOPs on tensor cores, ~3% of a 4096-wide
-// base GEMM each.
+//   lora_bwd_da_rt*      2·R16·K·M FLOP issued; reads x (and dS) once per R tile, split over M,
+//                        partials reduced by splitk_reduce
+//   lora_bwd_dx_*        2·M·K·(N+64·⌈R/64⌉) FLOP issued; the base dx GEMM's traffic + r extra
+//                        K columns
+// lora_down and lora_bwd_da run the GEMM main loop on 128×RT / RT×128 tiles, RT = 16, 32 or 64
+// along R (the narrowest that holds R, else 64: `rank_tile` in lora_kernels.rs) and skip MMAs
+// past R, so R pads to 16 (before: one 128-wide tile, zero-padded, 8× the FLOPs at R = 16).
+// RT ≤ 32 keeps them at ≤ 128 registers (__launch_bounds__(256, 2): two blocks per SM, with
+// 21–23 KiB of shared memory each).
 #include "simt.h"
 #include "params.h"
 #include "gemm_tile.cuh"
@@ -48,13 +54,17 @@ __device__ __forceinline__ int split_len(int m, int split_rows, int z) {
 
 using namespace lf;
 
-// S = drop(x)·Aᵀ and s_scaled = S ⊙ c. Grid (ceil(R/128), ceil(M/128)).
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_down(const LoraForwardParams p) {
-    __shared__ __align__(16) GemmSmem smem;
-    const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN;
-    GemmAcc acc = {};
+// S = drop(x)·Aᵀ and s_scaled = S ⊙ c on a 128×RT tile (RT columns of R): the x tile (dropout
+// applied on its way to shared memory) is the 128-row A operand, A [R,K] the RT-row B operand.
+// Grid (⌈R/RT⌉, ⌈M/128⌉); the host picks RT = 16, 32 or 64 from R (lora_kernels.rs,
+// `rank_tile`), and MMAs past column R are skipped, so R pads to 16.
+template <int RT>
+__device__ __forceinline__ void lora_down(const LoraForwardParams& p) {
+    __shared__ __align__(16) TileSmem<GEMM_BM, RT> smem;
+    const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * RT;
+    TileAcc<GEMM_BM, RT> acc = {};
     const Operand<false, DropMask> x{MatrixRef{p.x, p.m, p.k, p.k}, DropMask{Dropout::from(p.dropout), p.k, 0}};
-    gemm_mainloop(acc, smem, x, operand<false>(p.a, p.r, p.k, p.k), p.k, block_m, block_n, NoOnTile{});
+    gemm_mainloop(acc, smem, x, operand<false, RT>(p.a, p.r, p.k, p.k), p.k, block_m, block_n, NoOnTile{}, p.m, p.r);
     const float ds = Dropout::from(p.dropout).kept_scale();
     gemm_epilogue(acc, block_m, block_n, p.m, p.r, [&](int row, int col, float v0, float v1) {
         const bool pair = col + 1 < p.r;
@@ -67,7 +77,21 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_down(const LoraF
         store_pair(p.s_scaled, idx, pair, v0 * c0, v1 * c1);
     });
 }
-SIMT_EXPORT_KERNEL(lora_down, LoraForwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2) lora_down_rt16(const LoraForwardParams p) {
+    lora_down<16>(p);
+}
+SIMT_EXPORT_KERNEL(lora_down_rt16, LoraForwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2) lora_down_rt32(const LoraForwardParams p) {
+    lora_down<32>(p);
+}
+SIMT_EXPORT_KERNEL(lora_down_rt32, LoraForwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) lora_down_rt64(const LoraForwardParams p) {
+    lora_down<64>(p);
+}
+SIMT_EXPORT_KERNEL(lora_down_rt64, LoraForwardParams)
 
 // y = s_scaled·Bᵀ + x·W0ᵀ: the LoRA up-projection is R extra K columns of the base GEMM, so the
 // accumulator starts at the LoRA term. W0 is the B operand `w0`: bf16 (lora_fwd_split_*) or NF4
@@ -278,19 +302,37 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_bwd_ds_db(const 
 SIMT_EXPORT_KERNEL(lora_bwd_ds_db, LoraBackwardParams)
 
 // Partial dA over split z of M: ds[rows]ᵀ·(mask⊙x)[rows] into workspace[z] as [R,K]; the
-// 1/(1-p) goes into the reduction's scale. Grid (ceil(K/128), ceil(R/128), splits).
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) lora_bwd_da(const LoraBackwardParams p) {
-    __shared__ __align__(16) GemmSmem smem;
-    const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN, z = blockIdx.z;
+// 1/(1-p) goes into the reduction's scale. An RT×128 tile (RT rows of R, RT = 16, 32 or 64 as
+// for lora_down; MMAs past row R skipped): dS is the K-major RT-wide A operand, x the K-major
+// 128-wide B operand, masked on its way to shared memory. Grid (⌈K/128⌉, ⌈R/RT⌉, splits).
+template <int RT>
+__device__ __forceinline__ void lora_bwd_da(const LoraBackwardParams& p) {
+    __shared__ __align__(16) TileSmem<RT, GEMM_BN> smem;
+    const int block_m = blockIdx.y * RT, block_n = blockIdx.x * GEMM_BN, z = blockIdx.z;
     const int rows = split_len(p.m, p.split_rows, z);
     const long long row0 = (long long)z * p.split_rows;
     const Operand<true, DropMask> x{MatrixRef{p.x + row0 * p.k, rows, p.k, p.k},
                                     DropMask{Dropout::from(p.dropout), p.k, (int)row0}};
-    GemmAcc acc = {};
-    gemm_mainloop(acc, smem, operand<true>(p.ds + row0 * p.r, rows, p.r, p.r), x, rows, block_m, block_n, NoOnTile{});
+    TileAcc<RT, GEMM_BN> acc = {};
+    gemm_mainloop(acc, smem, operand<true, RT>(p.ds + row0 * p.r, rows, p.r, p.r), x, rows, block_m, block_n,
+                  NoOnTile{}, p.r, p.k);
     store_tile_c(acc, p.workspace + (long long)z * p.r * p.k, p.k, block_m, block_n, p.r, p.k);
 }
-SIMT_EXPORT_KERNEL(lora_bwd_da, LoraBackwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2) lora_bwd_da_rt16(const LoraBackwardParams p) {
+    lora_bwd_da<16>(p);
+}
+SIMT_EXPORT_KERNEL(lora_bwd_da_rt16, LoraBackwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 2) lora_bwd_da_rt32(const LoraBackwardParams p) {
+    lora_bwd_da<32>(p);
+}
+SIMT_EXPORT_KERNEL(lora_bwd_da_rt32, LoraBackwardParams)
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) lora_bwd_da_rt64(const LoraBackwardParams p) {
+    lora_bwd_da<64>(p);
+}
+SIMT_EXPORT_KERNEL(lora_bwd_da_rt64, LoraBackwardParams)
 
 // dx = drop'(dS·A) + dy·W0: the LoRA term first (R extra K columns), masked in registers, then
 // the base GEMM accumulates on top. A [R,K] and W0 [N,K] are K-major operands; W0 is `w0`, bf16

@@ -45,12 +45,12 @@ typedef struct DropoutParams {
     float scale;
 } DropoutParams;
 
-/// LoRA linear forward, y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ col_scale)·Bᵀ, kernels lora_down,
+/// LoRA linear forward, y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ col_scale)·Bᵀ, kernels lora_down_rt*,
 /// lora_fwd_split_*, lora_fwd_fused_*.
 /// x [M,K], w0 [N,K], a [R,K] (R = Σ ranks of stacked targets), b [N,R] (for one target);
 /// col_scale [R] = alpha/r (or alpha/√r) per column of S.
 /// Outputs: s [M,R] f32 = drop(x)·Aᵀ (saved for backward), s_scaled [M,R] bf16 = S ⊙ col_scale,
-/// y [M,N] (f32 or bf16 by kernel name). lora_fwd_split reads s_scaled written by lora_down.
+/// y [M,N] (f32 or bf16 by kernel name). lora_fwd_split reads s_scaled written by lora_down_rt*.
 typedef struct LoraForwardParams {
     const lf_bf16* x;
     const lf_bf16* w0;
@@ -72,7 +72,7 @@ typedef struct LoraForwardParams {
 ///   ds [M,R] bf16 = (dy·B) ⊙ col_scale, and the partials of dB [N,R] = dyᵀ·s_scaled into
 ///     `workspace`, one [N,R] f32 slab per 128 rows of M                  (lora_bwd_ds_db)
 ///   partials of dA [R,K] = dsᵀ·(mask⊙x) into `workspace`, one [R,K] slab per K-split of
-///     `split_rows` rows (a multiple of 64)                               (lora_bwd_da)
+///     `split_rows` rows (a multiple of 64)                               (lora_bwd_da_rt*)
 ///   dx [M,K] = drop'(ds·A) + dy·W0 (f32 or bf16 by kernel name)          (lora_bwd_dx_*)
 /// Partials are summed by splitk_reduce.
 typedef struct LoraBackwardParams {

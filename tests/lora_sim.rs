@@ -6,11 +6,13 @@ mod common;
 
 use common::lora::*;
 use half::bf16;
-use lorafuse::device::params::{DropoutParams, LoraBackwardParams};
+use lorafuse::device::params::{DropoutParams, LoraBackwardParams, LoraForwardParams};
 use lorafuse::device::sim::{Schedule, Sim};
 use lorafuse::device::{Backend, Device, DeviceBuffer};
 use lorafuse::ops::gemm::{launch_gemm, GemmLayout, GemmShape};
-use lorafuse::ops::lora_kernels::{ds_db_splits, launch_bwd_ds_db, lora_forward, LoraWeights, DS_DB_ROWS};
+use lorafuse::ops::lora_kernels::{
+    ds_db_splits, launch_bwd_da, launch_bwd_ds_db, launch_down, lora_forward, rank_tile, LoraWeights, DS_DB_ROWS,
+};
 use lorafuse::ops::philox::DropoutMask;
 use lorafuse::tensor::DType;
 use lorafuse::testing::{rel_err, TestRng};
@@ -88,13 +90,25 @@ fn bwd_ds_db_matches_gemm_and_f64_on_ragged_shapes() {
     }
 }
 
+/// Per-column scales 0.5, 0.75, 1.0, 0.5, …: each column of S or dS scaled differently.
+fn col_scales(r: usize) -> Vec<f32> {
+    (0..r).map(|j| 0.5 + 0.25 * (j % 3) as f32).collect()
+}
+
+/// A device buffer of `bytes` filled with 0xFF: NaN as f32 and as bf16, so unwritten outputs show.
+fn poisoned(dev: &Arc<dyn Device>, bytes: usize) -> DeviceBuffer {
+    let buf = DeviceBuffer::new(dev, bytes).unwrap();
+    buf.fill(0xFF).unwrap();
+    buf
+}
+
 fn check_ds_db(dev: &Arc<dyn Device>, m: usize, n: usize, r: usize, seed: u64) {
     let backend = Backend::Device(dev.clone());
     let mut rng = TestRng::new(seed);
     let dy = bf16_vec(&mut rng, m * n, 1.0);
     let b = bf16_vec(&mut rng, n * r, 0.5);
     let ss = bf16_vec(&mut rng, m * r, 0.5);
-    let cs: Vec<f32> = (0..r).map(|j| 0.5 + 0.25 * (j % 3) as f32).collect();
+    let cs = col_scales(r);
     let (tdy, tb, tss) = (
         upload(&backend, &[m, n], &dy, DType::BF16),
         upload(&backend, &[n, r], &b, DType::BF16),
@@ -102,12 +116,7 @@ fn check_ds_db(dev: &Arc<dyn Device>, m: usize, n: usize, r: usize, seed: u64) {
     );
     let tcs = upload(&backend, &[r], &cs, DType::F32);
     let splits = ds_db_splits(m);
-    let poisoned = |bytes: usize| {
-        let buf = DeviceBuffer::new(dev, bytes).unwrap();
-        buf.fill(0xFF).unwrap();
-        buf
-    };
-    let (ds, ws, gemm) = (poisoned(m * r * 2), poisoned(splits * n * r * 4), poisoned(m * r * 4));
+    let (ds, ws, gemm) = (poisoned(dev, m * r * 2), poisoned(dev, splits * n * r * 4), poisoned(dev, m * r * 4));
     let null = std::ptr::null_mut();
     let p = LoraBackwardParams {
         x: null,
@@ -166,5 +175,127 @@ fn check_ds_db(dev: &Arc<dyn Device>, m: usize, n: usize, r: usize, seed: u64) {
             .collect();
         let e_db = rel_err(&partials[z * n * r..][..n * r], &want);
         assert!(e_db <= EXACT_TOL, "{what}: dB partial {z} rel err {e_db:e}");
+    }
+}
+
+/// `lora_down_rt*` and `lora_bwd_da_rt*` (R tiles 16, 32, 64 wide, MMAs past R skipped) alone, on
+/// outputs poisoned with NaN, under every schedule, on ragged shapes (M = 1, M and K not tile
+/// multiples, K odd: 2-byte loads; R ∈ {1, 8, 16, 64, 80}, R = 80 being two 64-wide tiles), with
+/// and without dropout:
+/// - S equals a plain GEMM (`gemm_bf16_f32out`, 128×128 tiles) of the dropped x (0/1 mask applied
+///   on the host) by A, times 1/(1-p), bit for bit — the k16 reduction order is the GEMM's — and
+///   s_scaled is bf16(S ⊙ c) bit for bit; S is within 1e-5 of float64;
+/// - each dA partial slab (64-row splits of M) equals the GEMM dSᵀ·drop(x) over its rows
+///   (`gemm_bf16_tn_f32out`) bit for bit, and float64 within 1e-5.
+#[test]
+fn narrow_rank_tiles_match_gemm_and_f64_on_ragged_shapes() {
+    let cases = [(1, 40, 1, 0.0), (1, 200, 16, 0.1), (70, 72, 8, 0.5), (130, 65, 64, 0.1), (33, 136, 80, 0.0)];
+    for schedule in [Schedule::Lockstep, Schedule::Random(3), Schedule::WarpAhead(7)] {
+        let dev: Arc<dyn Device> = Arc::new(Sim::new(schedule));
+        for (i, &(m, k, r, p)) in cases.iter().enumerate() {
+            check_rank_tiles(&dev, m, k, r, p, 200 + i as u64);
+        }
+    }
+}
+
+fn check_rank_tiles(dev: &Arc<dyn Device>, m: usize, k: usize, r: usize, p: f32, seed: u64) {
+    let backend = Backend::Device(dev.clone());
+    let mut rng = TestRng::new(seed);
+    let x = bf16_vec(&mut rng, m * k, 1.0);
+    let a = bf16_vec(&mut rng, r * k, 0.5);
+    let ds = bf16_vec(&mut rng, m * r, 0.5);
+    let cs = col_scales(r);
+    let mask = DropoutMask::new(p, 0x5EED ^ seed, 3 * seed);
+    let xd: Vec<f32> = x.iter().enumerate().map(|(e, &v)| if mask.keep(e as u64) { v } else { 0.0 }).collect();
+    let kept = if mask.is_identity() { 1.0 } else { mask.scale };
+    let (tx, txd, ta, tds) = (
+        upload(&backend, &[m, k], &x, DType::BF16),
+        upload(&backend, &[m, k], &xd, DType::BF16),
+        upload(&backend, &[r, k], &a, DType::BF16),
+        upload(&backend, &[m, r], &ds, DType::BF16),
+    );
+    let tcs = upload(&backend, &[r], &cs, DType::F32);
+    let split_rows = 64;
+    let splits = m.div_ceil(split_rows);
+    let (s, ss, ws) = (poisoned(dev, m * r * 4), poisoned(dev, m * r * 2), poisoned(dev, splits * r * k * 4));
+    let (gemm_s, gemm_da) = (poisoned(dev, m * r * 4), poisoned(dev, splits * r * k * 4));
+    let dropout = DropoutParams { seed: mask.seed, offset: mask.offset, threshold: mask.threshold, scale: mask.scale };
+    let null = std::ptr::null_mut();
+    let fp = LoraForwardParams {
+        x: tx.device_ptr().unwrap().as_ptr(),
+        w0: null,
+        a: ta.device_ptr().unwrap().as_ptr(),
+        b: null,
+        s: s.ptr().as_mut_ptr(),
+        s_scaled: ss.ptr().as_mut_ptr(),
+        col_scale: tcs.device_ptr().unwrap().as_ptr(),
+        y: null.cast(),
+        m: m as i32,
+        n: 0,
+        k: k as i32,
+        r: r as i32,
+        dropout,
+    };
+    let bp = LoraBackwardParams {
+        x: tx.device_ptr().unwrap().as_ptr(),
+        w0: null,
+        a: null,
+        b: null,
+        s_scaled: null,
+        dy: null,
+        ds: tds.device_ptr().unwrap().as_mut_ptr(),
+        workspace: ws.ptr().as_mut_ptr(),
+        dx: null.cast(),
+        col_scale: std::ptr::null(),
+        m: m as i32,
+        n: 0,
+        k: k as i32,
+        r: r as i32,
+        split_rows: split_rows as i32,
+        dropout,
+    };
+    // SAFETY: the buffers hold the sizes launch_down, launch_bwd_da and launch_gemm document.
+    unsafe {
+        launch_down(dev.as_ref(), &fp).unwrap();
+        launch_bwd_da(dev.as_ref(), &bp).unwrap();
+        let shape = GemmShape { alpha: kept, ..GemmShape::dense(m, r, k) };
+        let (x_ptr, a_ptr) = (txd.device_ptr().unwrap(), ta.device_ptr().unwrap());
+        launch_gemm(dev.as_ref(), x_ptr, a_ptr, gemm_s.ptr(), shape, GemmLayout::Nt, DType::F32).unwrap();
+        for z in 0..splits {
+            let rows = split_rows.min(m - z * split_rows);
+            let shape = GemmShape::dense_for(GemmLayout::Tn, r, k, rows);
+            let dsz = tds.device_ptr().unwrap().offset(z * split_rows * r * 2);
+            let xz = x_ptr.offset(z * split_rows * k * 2);
+            launch_gemm(dev.as_ref(), dsz, xz, gemm_da.ptr().offset(z * r * k * 4), shape, GemmLayout::Tn, DType::F32)
+                .unwrap();
+        }
+    }
+    dev.synchronize().unwrap();
+    let what = format!("{} m={m} k={k} r={r} p={p} (R tile {})", dev.name(), rank_tile(r));
+    let f32s = |b: &DeviceBuffer| -> Vec<f32> { bytemuck::pod_collect_to_vec(&b.to_host().unwrap()) };
+    let (got_s, want_s) = (f32s(&s), f32s(&gemm_s));
+    let got_ss: Vec<u16> = bytemuck::pod_collect_to_vec(&ss.to_host().unwrap());
+    for e in 0..m * r {
+        let (i, j) = (e / r, e % r);
+        assert!(got_s[e].to_bits() == want_s[e].to_bits(), "{what}: S[{i}][{j}] = {}, GEMM {}", got_s[e], want_s[e]);
+        let want = bf16::from_f32(want_s[e] * cs[j]).to_bits();
+        assert!(got_ss[e] == want, "{what}: s_scaled[{i}][{j}] = {:#x}, want {want:#x}", got_ss[e]);
+    }
+    let s_ref: Vec<f64> = (0..m * r)
+        .map(|e| (0..k).map(|t| xd[e / r * k + t] as f64 * a[e % r * k + t] as f64).sum::<f64>() * kept as f64)
+        .collect();
+    let e_s = rel_err(&got_s, &s_ref);
+    assert!(e_s <= EXACT_TOL, "{what}: S rel err {e_s:e}");
+    let (got_da, want_da) = (f32s(&ws), f32s(&gemm_da));
+    for (e, (g, w)) in got_da.iter().zip(&want_da).enumerate() {
+        assert!(g.to_bits() == w.to_bits(), "{what}: dA partial {} [{}] = {g}, GEMM {w}", e / (r * k), e % (r * k));
+    }
+    for z in 0..splits {
+        let rows = z * split_rows..m.min((z + 1) * split_rows);
+        let want: Vec<f64> = (0..r * k)
+            .map(|e| rows.clone().map(|t| ds[t * r + e / k] as f64 * xd[t * k + e % k] as f64).sum())
+            .collect();
+        let e_da = rel_err(&got_da[z * r * k..][..r * k], &want);
+        assert!(e_da <= EXACT_TOL, "{what}: dA partial {z} rel err {e_da:e}");
     }
 }

@@ -9,7 +9,7 @@
 //! strategy. Bytes, FLOPs and when to prefer which strategy: the header of the kernel file.
 
 use crate::device::{Device, ParamBytes};
-use crate::ops::lora_kernels::{dims, forward_outputs, grid, out_kernel, LoraForward, LoraWeights};
+use crate::ops::lora_kernels::{dims, forward_outputs, grid, launch_down, out_kernel, LoraForward, LoraWeights};
 use crate::ops::philox::DropoutMask;
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -61,10 +61,8 @@ pub fn lora_forward_fused(
     // shared memory matches the kernel's layout for this R and dropout setting.
     unsafe {
         if d.n == 0 {
-            // No N-tile to carry S: lora_down alone computes it (y is empty).
-            if d.r > 0 {
-                dev.launch("lora_down", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
-            }
+            // No N-tile to carry S: lora_down_rt* alone computes it (y is empty).
+            launch_down(dev.as_ref(), &p)?;
         } else {
             let mut cfg = grid(d.n, d.m, 1)?;
             cfg.dynamic_smem_bytes = fused_smem_bytes(d.r, p.dropout.threshold != 0);

@@ -30,6 +30,60 @@ pub const DS_DB_ROWS: usize = 128;
 /// Columns of R per block of `lora_bwd_ds_db` (dy is read once per such chunk of R).
 pub const DS_DB_RANK_COLS: usize = 64;
 
+/// Widths of the R tile of `lora_down` and `lora_bwd_da` (kernels `*_rt16`, `*_rt32`, `*_rt64`).
+pub const RANK_TILES: [usize; 3] = [16, 32, 64];
+
+/// The R-tile width for rank `r`: the narrowest of [`RANK_TILES`] that holds R rounded up to 16,
+/// else 64 (⌈R/64⌉ tiles). The kernels skip MMAs past R, so R pads to 16 either way; a narrower
+/// tile needs fewer registers, less shared memory and no idle loads.
+pub fn rank_tile(r: usize) -> usize {
+    RANK_TILES.into_iter().find(|&t| r <= t).unwrap_or(64)
+}
+
+/// Launches `lora_down_rt{W}` (W = [`rank_tile`]`(R)`): `p.s` [M,R] f32 = drop(x)·Aᵀ (dropout's
+/// 0/1 mask applied to x tiles on their way to shared memory, 1/(1-p) to the f32 result) and
+/// `p.s_scaled` [M,R] bf16 = S ⊙ col_scale. Grid (⌈R/W⌉, ⌈M/128⌉). Reads x, a, col_scale, m, k,
+/// r, dropout of `p`.
+///
+/// # Safety
+/// As [`Device::launch`]: `p.x` [M,K], `p.a` [R,K] (bf16), `p.col_scale` [R] f32 and the
+/// outputs `p.s` [M,R] f32, `p.s_scaled` [M,R] bf16 must be live device memory.
+pub unsafe fn launch_down(dev: &dyn Device, p: &LoraForwardParams) -> Result<()> {
+    let (m, r) = (p.m.max(0) as usize, p.r.max(0) as usize);
+    if m == 0 || r == 0 {
+        return Ok(());
+    }
+    let w = rank_tile(r);
+    let cfg = LaunchConfig {
+        grid: (blocks_for(r, w)?, blocks_for(m, TILE)?, 1),
+        block: (THREADS, 1, 1),
+        dynamic_smem_bytes: 0,
+    };
+    dev.launch(&format!("lora_down_rt{w}"), &cfg, ParamBytes::new(p))
+}
+
+/// Launches `lora_bwd_da_rt{W}` (W = [`rank_tile`]`(R)`): into `p.workspace`, slab z of
+/// ⌈M/split_rows⌉ = ds[rows]ᵀ·(mask⊙x)[rows] [R,K] f32 over rows `split_rows`·z.. of M (the
+/// 1/(1-p) is left to `splitk_reduce`'s scale). Grid (⌈K/128⌉, ⌈R/W⌉, splits). Reads x, ds,
+/// m, k, r, split_rows, dropout of `p`.
+///
+/// # Safety
+/// As [`Device::launch`]: `p.x` [M,K], `p.ds` [M,R] (bf16) and `p.workspace`
+/// (⌈M/split_rows⌉·R·K f32) must be live device memory; `p.split_rows` > 0.
+pub unsafe fn launch_bwd_da(dev: &dyn Device, p: &LoraBackwardParams) -> Result<()> {
+    let (m, k, r) = (p.m.max(0) as usize, p.k.max(0) as usize, p.r.max(0) as usize);
+    if m == 0 || k == 0 || r == 0 {
+        return Ok(());
+    }
+    let w = rank_tile(r);
+    let cfg = LaunchConfig {
+        grid: (blocks_for(k, TILE)?, blocks_for(r, w)?, m.div_ceil(p.split_rows.max(1) as usize) as u32),
+        block: (THREADS, 1, 1),
+        dynamic_smem_bytes: 0,
+    };
+    dev.launch(&format!("lora_bwd_da_rt{w}"), &cfg, ParamBytes::new(p))
+}
+
 /// The number of [N,R] f32 dB partial slabs `lora_bwd_ds_db` writes for M rows.
 pub fn ds_db_splits(m: usize) -> usize {
     m.div_ceil(DS_DB_ROWS)
@@ -244,9 +298,7 @@ pub(crate) fn lora_forward_with(
     }
     // SAFETY: every pointer is a live device tensor whose shape `dims` validated.
     unsafe {
-        if d.r > 0 {
-            dev.launch("lora_down", &grid(d.r, d.m, 1)?, ParamBytes::new(&p))?;
-        }
+        launch_down(dev.as_ref(), &p)?;
         if d.n > 0 {
             w.w0.launch(dev, &kernel, &grid(d.n, d.m, 1)?, &p, |lora, w0| QloraForwardParams { lora, w0 })?;
         }
@@ -302,7 +354,9 @@ pub struct LoraGrads {
 }
 
 /// K-splits of the M reduction of dA so that `tiles` output tiles become about
-/// [`TARGET_BLOCKS`] blocks; each split covers a multiple of 64 rows.
+/// [`TARGET_BLOCKS`] blocks; each split covers a multiple of 64 rows. (The tile count is that of
+/// 128-wide R tiles, as before `lora_bwd_da` got narrow ones: the splits, and so dA's summation
+/// order, stay what they were.)
 fn splits_for(m: usize, tiles: usize) -> (usize, usize) {
     let want = TARGET_BLOCKS.div_ceil(tiles.max(1)).clamp(1, m.div_ceil(256).max(1));
     let split_rows = m.div_ceil(want).div_ceil(64) * 64;
@@ -396,7 +450,7 @@ pub(crate) fn lora_backward_with(
             launch_bwd_ds_db(dev.as_ref(), &p)?;
             reduce(ws_db.ptr(), db.device_ptr()?, d.n * d.r, db_splits, 1.0)?;
             p.workspace = ws_da.ptr().as_mut_ptr();
-            dev.launch("lora_bwd_da", &grid(d.k, d.r, da_splits)?, ParamBytes::new(&p))?;
+            launch_bwd_da(dev.as_ref(), &p)?;
             reduce(ws_da.ptr(), da.device_ptr()?, d.r * d.k, da_splits, drop_scale)?;
         } else {
             // Empty reductions: the gradients are zero, and ds must be for dx.
