@@ -77,7 +77,6 @@ fn unknown_flags_and_unsupported_modes() {
     fails(&run(&["train", "--schedule", "exp"]), 2, &["exp", "cosine"]);
     fails(&run(&["frobnicate"]), 2, &["frobnicate"]);
     fails(&run(&["train", "--backend", "cuda"]), 1, &["cuda", "CPU"]);
-    fails(&run(&["train", "--qlora"]), 1, &["qlora", "not yet supported"]);
     let m = std::env::temp_dir().join("lorafuse-no-such-model-dir");
     fails(&run(&["train", "--model", m.to_str().unwrap()]), 1, &["lorafuse-no-such-model-dir"]);
 }

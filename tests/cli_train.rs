@@ -176,18 +176,161 @@ fn train_generate_merge_reload() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// A crash mid-save, then kill -9 at random moments (during steps, checkpoint saves, start-up),
-/// `--resume` until the run completes: every step's loss, lr, grad norm and eval loss, and the final adapter bytes,
-/// equal the uninterrupted run's exactly. Exact equality holds because nothing in a step depends
-/// on the process: data order, dropout masks and the schedule are functions of the seed and
-/// step, the optimizer state is saved in f32 without rounding, and the CPU ops are
-/// deterministic for a fixed thread count.
+/// `train --qlora` → adapter → `generate --qlora` → `merge --qlora` (a dense BF16 checkpoint) →
+/// reload: the merged model's logits are the NF4 base + adapter's, up to BF16 rounding.
+#[test]
+fn qlora_train_generate_merge_reload() {
+    let d = scratch("qlora");
+    let model = tiny_model(&d, 64);
+    let data = tiny_data(&d);
+    let out = d.join("run");
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let so = ok(&run(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--output-dir",
+        o,
+        "--qlora",
+        "--steps",
+        "8",
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "4",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+    ]));
+    assert!(so.contains("decoder linear weights NF4") && so.contains("done: 8 steps"), "{so}");
+    // Without a GPU path for the Llama ops, `--backend auto` says it runs on the CPU.
+    assert!(so.contains("backend auto → cpu"), "{so}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let nf4 = summary["base_weight_bytes"]["nf4_weights"].as_u64().unwrap();
+    assert_eq!(nf4, 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128), "{summary}");
+    let rows = metrics(&out);
+    assert!(rows[7].1 < rows[0].1, "loss {} → {}", rows[0].1, rows[7].1);
+
+    let adapter = out.join("adapter");
+    let a = adapter.to_str().unwrap();
+    let g = ok(&run(&[
+        "generate",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--qlora",
+        "--prompt",
+        "double 4",
+        "--max-new-tokens",
+        "6",
+    ]));
+    assert!(!g.is_empty());
+    let merged = d.join("merged");
+    ok(&run(&["merge", "--model", m, "--adapter", a, "--qlora", "--output", merged.to_str().unwrap()]));
+    let cfg = std::fs::read_to_string(merged.join("config.json")).unwrap();
+    assert!(cfg.contains("\"bfloat16\"") && !cfg.contains("quantization_config"), "{cfg}");
+    let reloaded = Llama::from_dir(&merged).unwrap();
+    assert!(!reloaded.is_quantized());
+
+    let mut with = Llama::from_dir_quantized(&model, lorafuse::quant::Nf4Config::default()).unwrap();
+    with.load_adapter(&adapter).unwrap();
+    let ids: Vec<u32> = b"double 7".iter().map(|&b| b as u32).collect();
+    let tape = Tape::no_grad();
+    let logits = |m: &Llama| m.forward(&tape, &ids, 1, None, Mode::default()).unwrap().data().to_vec();
+    let want: Vec<f64> = logits(&with).iter().map(|&x| x as f64).collect();
+    let e = rel_err(&logits(&reloaded), &want);
+    assert!(e < 2e-2, "merged bf16 vs NF4 + adapter: rel err {e}");
+    with.remove_lora().unwrap();
+    assert!(rel_err(&logits(&with), &want) > 1e-3, "the adapter changed nothing");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Spawns `lorafuse train … --resume` and SIGKILLs it after it has reported `after_steps` more
+/// steps (its `--log-every 1` lines), plus a random fraction of one step's time so that the kill
+/// lands in a step or in a checkpoint save. `after_steps == 0`: a kill during start-up, a random
+/// few milliseconds after the spawn. Returns whether the process was killed mid-run (it was
+/// still running, the last reported step was not the last one, and it reported progress); a run
+/// that finished first is checked for success.
+fn kill_after_progress(
+    args: &[String],
+    after_steps: usize,
+    total: usize,
+    rng: &mut lorafuse::testing::TestRng,
+) -> bool {
+    use std::io::BufRead;
+    let mut child =
+        Command::new(BIN).args(args).arg("--resume").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            // "step N/total loss …" (not "step N: eval loss …").
+            let step = line.strip_prefix("step ").and_then(|r| r.split_once('/')).and_then(|(n, _)| n.parse().ok());
+            if let Some(n) = step {
+                if tx.send((n, Instant::now())).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let (mut seen, mut last, mut times) = (0, 0usize, Vec::new());
+    if after_steps == 0 {
+        std::thread::sleep(Duration::from_millis(rng.next_u64() % 30));
+    } else {
+        // Wait for observed progress, however slow or fast the machine is.
+        while seen < after_steps {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok((n, t)) => {
+                    (seen, last) = (seen + 1, n);
+                    times.push(t);
+                }
+                Err(_) => break, // exited (or hung: the exit check below reports it)
+            }
+        }
+        // Up to one step more: into the next step or the checkpoint save after this one.
+        let step_time = match times.as_slice() {
+            [.., a, b] => *b - *a,
+            _ => Duration::from_millis(20),
+        };
+        std::thread::sleep(step_time.mul_f64((rng.next_u64() % 1000) as f64 / 1000.0));
+    }
+    let running = child.try_wait().unwrap().is_none();
+    if running {
+        child.kill().unwrap(); // SIGKILL
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    if !running {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{err}");
+    }
+    running && seen == after_steps && after_steps > 0 && last < total
+}
+
+/// A crash mid-save, then kill -9 at moments derived from the run's observed progress (during
+/// steps, checkpoint saves and start-up), `--resume` until the run completes: every step's loss,
+/// lr, grad norm and eval loss, and the final adapter bytes, equal the uninterrupted run's
+/// exactly. Exact equality holds because nothing in a step depends on the process: data order,
+/// dropout masks and the schedule are functions of the seed and step, the optimizer state is
+/// saved in f32 without rounding, and the CPU ops are deterministic for a fixed thread count.
 #[test]
 fn kill_and_resume_gives_identical_losses() {
+    const STEPS: usize = 40;
+    /// Kills that must land mid-run. Each comes after 1–2 reported steps plus at most one
+    /// step's time, so a kill advances the newest checkpoint by at most 4 steps and all of them
+    /// fit in the run (crash at step 7, then 8 × 4 < 40 − 6).
+    const MID_RUN_KILLS: usize = 8;
     let d = scratch("resume");
     let model = tiny_model(&d, 64);
     let data = tiny_data(&d);
     let args = |out: &Path| -> Vec<String> {
+        let steps = STEPS.to_string();
         [
             "train",
             "--model",
@@ -197,7 +340,7 @@ fn kill_and_resume_gives_identical_losses() {
             "--output-dir",
             out.to_str().unwrap(),
             "--steps",
-            "40",
+            &steps,
             "--seq-len",
             "48",
             "--micro-batch",
@@ -216,6 +359,8 @@ fn kill_and_resume_gives_identical_losses() {
             "3",
             "--lr",
             "5e-3",
+            "--log-every",
+            "1",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -234,35 +379,22 @@ fn kill_and_resume_gives_identical_losses() {
     let ck = |name: &str| killed.join("checkpoints").join(name);
     assert!(ck("step-00000007.tmp").exists() && ck("step-00000006").exists() && !ck("step-00000007").exists());
     let mut rng = lorafuse::testing::TestRng::new(11);
-    let (mut kills, mut finished) = (0, false);
-    for _ in 0..40 {
-        let mut child = Command::new(BIN)
-            .args(args(&killed))
-            .arg("--resume")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Up to a third of a whole run: several kills land before the run completes.
-        let wait = run_time.mul_f64((rng.next_u64() % 1000) as f64 / 1000.0 * 0.33);
-        std::thread::sleep(wait.max(Duration::from_millis(5)));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            kills += 1;
-            continue;
+    let (mut mid_run, mut start_up_attempts) = (0, 0);
+    for i in 0.. {
+        if mid_run == MID_RUN_KILLS {
+            break;
         }
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        finished = true;
-        break;
+        // Every third attempt a start-up kill (it may land before or after loading).
+        let after = if i % 3 == 2 { 0 } else { 1 + rng.next_u64() as usize % 2 };
+        start_up_attempts += usize::from(after == 0);
+        mid_run += usize::from(kill_after_progress(&args(&killed), after, STEPS, &mut rng));
+        assert!(i < 4 * MID_RUN_KILLS, "{mid_run} mid-run kills after {i} attempts");
     }
-    if !finished {
-        ok(&Command::new(BIN).args(args(&killed)).arg("--resume").output().unwrap());
-    }
-    assert!(kills >= 3, "only {kills} kills landed (run takes {run_time:?})");
+    let last_ckpt = checkpoint_steps(&killed);
+    assert!(last_ckpt < STEPS, "the run must not have completed under the kills (checkpoint {last_ckpt})");
+    ok(&Command::new(BIN).args(args(&killed)).arg("--resume").output().unwrap());
     let (a, b) = (metrics(&full), metrics(&killed));
-    assert_eq!(a.len(), 40);
+    assert_eq!(a.len(), STEPS);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.0, y.0);
         assert_eq!(x.1.to_bits(), y.1.to_bits(), "step {}: loss {} vs {}", x.0, x.1, y.1);
@@ -272,8 +404,17 @@ fn kill_and_resume_gives_identical_losses() {
     assert_eq!(a.len(), b.len());
     let w = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(w(&full) == w(&killed), "final adapters differ");
-    println!("{kills} kills; uninterrupted run {run_time:?}");
+    println!("{mid_run} mid-run kills, {start_up_attempts} start-up kills; resumed from checkpoint {last_ckpt}; uninterrupted run {run_time:?}");
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The newest complete checkpoint's step in `out/checkpoints` (0 if none).
+fn checkpoint_steps(out: &Path) -> usize {
+    std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 /// A model directory with a `tokenizer.json` (word-level, written here) and a ChatML
@@ -348,5 +489,13 @@ fn hf_tokenizer_json_and_chat_template() {
         "4",
     ]);
     ok(&g);
+
+    // transformers ≥ 4.52 saves the template as chat_template.jinja (and prefers it on load).
+    let llama3 = "{% for message in messages %}{% set content = '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    std::fs::write(model.join("chat_template.jinja"), llama3).unwrap();
+    let tok = Tokenizer::from_model_dir(&model, 260, None).unwrap();
+    assert!(tok.template_from_model);
+    let r = tok.render_chat(&[("user".into(), " double 2 ".into())], true).unwrap();
+    assert_eq!(r, "<s><|im_start|>user\ndouble 2<|im_end|><|im_start|>assistant\n");
     let _ = std::fs::remove_dir_all(&d);
 }

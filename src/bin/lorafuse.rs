@@ -2,7 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use lorafuse::device::{cuda, kernels, sim};
-use lorafuse::model::{GenerateConfig, Llama};
+use lorafuse::model::{GenerateConfig, Llama, WeightDtype};
+use lorafuse::quant::Nf4Config;
 use lorafuse::train::config::{TrainConfig, TrainOptions};
 use lorafuse::train::data::Tokenizer;
 use lorafuse::train::trainer::{self, StartMode};
@@ -73,6 +74,10 @@ struct GenerateCmd {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Hold the base's decoder linear weights as NF4 (as `train --qlora`); a bnb-4bit
+    /// checkpoint is NF4 either way.
+    #[arg(long)]
+    qlora: bool,
 }
 
 #[derive(clap::Args)]
@@ -86,6 +91,10 @@ struct MergeCmd {
     /// Where to write the merged checkpoint (config.json, model.safetensors, tokenizer files).
     #[arg(long, value_name = "DIR")]
     output: PathBuf,
+    /// Quantize the base to NF4 first (the base an adapter trained with `train --qlora` saw).
+    /// A QLoRA base (this, or a bnb-4bit checkpoint) merges into a dense BF16 checkpoint.
+    #[arg(long)]
+    qlora: bool,
 }
 
 fn main() -> ExitCode {
@@ -126,20 +135,21 @@ fn train(t: TrainCmd) -> lorafuse::Result<()> {
     Ok(())
 }
 
-fn load(model: &std::path::Path, adapter: Option<&std::path::Path>) -> lorafuse::Result<(Llama, Tokenizer)> {
-    let mut m = Llama::from_dir(model)?;
+/// The base model (NF4 with `qlora`) with the adapter, if any, loaded.
+fn load(model: &std::path::Path, adapter: Option<&std::path::Path>, qlora: bool) -> lorafuse::Result<Llama> {
+    let mut m = if qlora { Llama::from_dir_quantized(model, Nf4Config::default())? } else { Llama::from_dir(model)? };
     if let Some(a) = adapter {
         let rep = m.load_adapter(a)?;
         if !rep.missing.is_empty() {
             eprintln!("warning: {} adapter tensors missing (left at their initial values)", rep.missing.len());
         }
     }
-    let tok = Tokenizer::from_model_dir(model, m.config.vocab_size, m.config.eos_token_id)?;
-    Ok((m, tok))
+    Ok(m)
 }
 
 fn generate(g: GenerateCmd) -> lorafuse::Result<()> {
-    let (model, tok) = load(&g.model, g.adapter.as_deref())?;
+    let model = load(&g.model, g.adapter.as_deref(), g.qlora)?;
+    let tok = Tokenizer::from_model_dir(&g.model, model.config.vocab_size, model.config.eos_token_id)?;
     let prompt_ids = if g.chat {
         tok.encode(&tok.render_chat(&[("user".into(), g.prompt.clone())], true)?)?
     } else {
@@ -161,11 +171,22 @@ fn generate(g: GenerateCmd) -> lorafuse::Result<()> {
 }
 
 fn merge(m: MergeCmd) -> lorafuse::Result<()> {
-    let mut model = Llama::from_dir(&m.model)?;
-    model.load_adapter(&m.adapter)?;
+    let mut model = load(&m.model, Some(&m.adapter), m.qlora)?;
+    if model.is_quantized() {
+        // As PEFT's QLoRA recipe: dequantize, merge, save in bf16.
+        model.dtype = WeightDtype::BF16;
+    }
     model.merge()?;
+    model.dequantize_linears()?;
     model.save_pretrained(&m.output)?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+    let files = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ];
+    for f in files {
         let src = m.model.join(f);
         if src.exists() {
             let dst = m.output.join(f);

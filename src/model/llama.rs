@@ -9,6 +9,7 @@
 //! Every linear layer may carry a LoRA adapter (`y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`). On a
 //! recording [`Tape`] the adapters' `A`/`B` are the only trainable parameters.
 
+use super::base_weight::LinearWeight;
 use super::config::{LlamaConfig, WeightDtype};
 use super::lora::{LoraConfig, LoraInit};
 use super::weights::TensorFiles;
@@ -39,7 +40,7 @@ pub struct LoraWeights {
 pub struct Linear {
     /// HF module key, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    pub weight: Arc<Vec<f32>>,
+    pub weight: LinearWeight,
     pub bias: Option<Arc<Vec<f32>>>,
     pub in_features: usize,
     pub out_features: usize,
@@ -127,16 +128,9 @@ fn err_shape(files: &TensorFiles, name: &str, msg: impl Into<String>) -> Error {
 
 impl Linear {
     fn load(files: &TensorFiles, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Self> {
-        let weight = files.get_shaped(&format!("{name}.weight"), &[out_f, in_f])?;
+        let weight = LinearWeight::load(files, &format!("{name}.weight"), out_f, in_f)?;
         let bias = if bias { Some(Arc::new(files.get_shaped(&format!("{name}.bias"), &[out_f])?)) } else { None };
-        Ok(Linear {
-            name: name.to_string(),
-            weight: Arc::new(weight),
-            bias,
-            in_features: in_f,
-            out_features: out_f,
-            lora: None,
-        })
+        Ok(Linear { name: name.to_string(), weight, bias, in_features: in_f, out_features: out_f, lora: None })
     }
 
     /// `y = x·Wᵀ + b (+ LoRA)`; the adapter's A/B become tape parameters when `mode.train`.
@@ -150,9 +144,9 @@ impl Linear {
                     (Var::from_arc(l.a.clone(), &[r, k])?, Var::from_arc(l.b.clone(), &[n, r])?)
                 };
                 let offset = mode.dropout_step.wrapping_mul(n_adapters as u64).wrapping_add(l.index as u64);
-                F::lora_linear(tape, x, &self.weight, self.bias.as_ref(), &a, &b, l.op, offset, mode.train)
+                self.weight.lora_linear(tape, x, self.bias.as_ref(), &a, &b, l.op, offset, mode.train)
             }
-            _ => F::linear(tape, x, &self.weight, self.bias.as_ref(), self.out_features),
+            _ => self.weight.linear(tape, x, self.bias.as_ref(), self.out_features),
         }
     }
 }
@@ -193,7 +187,7 @@ impl Llama {
         let lm_head = if c.tie_word_embeddings {
             Linear {
                 name: "lm_head".into(),
-                weight: embed_tokens.clone(),
+                weight: LinearWeight::F32(embed_tokens.clone()),
                 bias: None,
                 in_features: h,
                 out_features: c.vocab_size,
@@ -239,7 +233,7 @@ impl Llama {
             Arc::new(philox::uniform(seed, off, n).into_iter().map(|u| (2.0 * u - 1.0) * bound).collect())
         };
         let mut lin = |name: String, out_f: usize, in_f: usize, bias: bool| Linear {
-            weight: rand(out_f * in_f, 1.0 / (in_f as f32).sqrt()),
+            weight: LinearWeight::F32(rand(out_f * in_f, 1.0 / (in_f as f32).sqrt())),
             bias: bias.then(|| rand(out_f, 0.1)),
             name,
             in_features: in_f,
@@ -263,8 +257,8 @@ impl Llama {
             });
         }
         let mut lm_head = lin("lm_head".into(), c.vocab_size, h, false);
-        let embed_tokens = if c.tie_word_embeddings { lm_head.weight.clone() } else { rand(c.vocab_size * h, 1.0) };
-        lm_head.weight = if c.tie_word_embeddings { embed_tokens.clone() } else { lm_head.weight };
+        let embed_tokens = if c.tie_word_embeddings { lm_head.weight.dense()? } else { rand(c.vocab_size * h, 1.0) };
+        lm_head.weight = if c.tie_word_embeddings { LinearWeight::F32(embed_tokens.clone()) } else { lm_head.weight };
         let rope = Arc::new(Self::rope_table(c));
         let dtype = c.dtype.unwrap_or(WeightDtype::F32);
         Ok(Llama {

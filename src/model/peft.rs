@@ -4,10 +4,11 @@
 //! `[r, in]` and `base_model.model.<module>.lora_B.weight` `[out, r]`, F32, with
 //! `{"format": "pt"}` metadata.
 
+use super::base_weight::LinearWeight;
 use super::config::WeightDtype;
 use super::llama::Llama;
 use super::lora::LoraConfig;
-use super::weights::{write_safetensors, TensorFiles};
+use super::weights::{encode_tensors, write_safetensors, TensorFiles};
 use crate::ops::lora::merge_into;
 use crate::{Error, Result};
 use std::collections::BTreeMap;
@@ -106,7 +107,8 @@ impl Llama {
             if let Some(l) = &lin.lora {
                 let (n, k) = (lin.out_features, lin.in_features);
                 // make_mut copies a weight still shared (e.g. tied embeddings), never the adapter.
-                merge_into(Arc::make_mut(&mut lin.weight).as_mut_slice(), &l.a, &l.b, n, k, &l.op, sign)?;
+                // An NF4 weight is dequantized first and stays f32 (see `LinearWeight::f32_mut`).
+                merge_into(lin.weight.f32_mut()?.as_mut_slice(), &l.a, &l.b, n, k, &l.op, sign)?;
             }
         }
         Ok(())
@@ -133,7 +135,10 @@ impl Llama {
     }
 
     /// Saves a full HF checkpoint (`config.json` + `model.safetensors`, the checkpoint's
-    /// dtype). The base weights are saved as they are: merge first to bake an adapter in.
+    /// dtype). The base weights are saved as they are: merge first to bake an adapter in. NF4
+    /// weights are written as bitsandbytes does (a bnb-4bit checkpoint with a
+    /// `quantization_config`, which transformers loads with bitsandbytes installed); call
+    /// [`Llama::dequantize_linears`] first for a dense checkpoint.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         if self.lora_config.is_some() && !self.merged {
             return Err(Error::config(
@@ -144,6 +149,7 @@ impl Llama {
         mkdir(dir)?;
         let c = &self.config;
         let mut t: BTreeMap<String, (Vec<usize>, &[f32])> = BTreeMap::new();
+        let mut nf4 = Vec::new();
         t.insert("model.embed_tokens.weight".into(), (vec![c.vocab_size, c.hidden_size], &self.embed_tokens));
         t.insert("model.norm.weight".into(), (vec![c.hidden_size], &self.norm));
         for (i, l) in self.layers.iter().enumerate() {
@@ -157,13 +163,26 @@ impl Llama {
             if lin.name == "lm_head" && c.tie_word_embeddings {
                 continue;
             }
-            t.insert(format!("{}.weight", lin.name), (vec![lin.out_features, lin.in_features], &lin.weight));
+            let key = format!("{}.weight", lin.name);
+            match &lin.weight {
+                LinearWeight::F32(w) => {
+                    t.insert(key, (vec![lin.out_features, lin.in_features], w));
+                }
+                LinearWeight::Nf4(q) => nf4.extend(q.to_safetensors_entries(&key)),
+            }
             if let Some(b) = &lin.bias {
                 t.insert(format!("{}.bias", lin.name), (vec![lin.out_features], b));
             }
         }
-        write_safetensors(&dir.join("model.safetensors"), &t, self.dtype)?;
+        let quant_config = nf4.first().map(|_| self.bnb_quantization_config());
+        let mut entries = encode_tensors(&t, self.dtype);
+        entries.extend(nf4);
+        crate::quant::checkpoint::write_safetensors(&dir.join("model.safetensors"), &entries)?;
         let mut raw = c.raw.clone();
+        match quant_config {
+            Some(q) => raw.insert("quantization_config".into(), q),
+            None => raw.remove("quantization_config"),
+        };
         let key = if raw.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
         raw.insert(key.into(), self.dtype.torch_name().into());
         let path = dir.join("config.json");

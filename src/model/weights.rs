@@ -1,17 +1,83 @@
 //! Reading and writing safetensors files: single or sharded (`model.safetensors.index.json`),
-//! F32/BF16/F16 tensors widened to f32 on read.
+//! F32/BF16/F16 tensors widened to f32 on read; bnb-4bit (NF4) weights are read by
+//! [`super::base_weight::LinearWeight::load`] through [`TensorFiles::raw`].
+//!
+//! Only the headers are read when the files are opened; each tensor's bytes are read when it is
+//! asked for, so loading a model never holds the whole checkpoint in memory besides the model
+//! (which matters for QLoRA: the f32 weights of a BF16 checkpoint quantized on load are only
+//! ever one tensor at a time).
 
 use super::config::WeightDtype;
+use crate::quant::checkpoint::RawTensor;
+use crate::quant::Nf4Config;
 use crate::{Error, Result};
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// The raw bytes of one or more safetensors files and where each tensor lives.
+/// One opened safetensors file: its header, and the file to read tensors from.
+struct TensorFile {
+    path: PathBuf,
+    file: Mutex<std::fs::File>,
+    /// Offset of the data section (8 + header length).
+    data_start: u64,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl TensorFile {
+    fn open(path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::format(path.display().to_string(), format!("not a safetensors file: {msg}"));
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|e| bad(format!("no header ({e})")))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > len {
+            return Err(bad(format!("header length {n} does not fit the file's {len} bytes")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+        let meta: Metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+        let data_len = len - 8 - n;
+        let mut tensors = HashMap::new();
+        for (name, info) in meta.tensors() {
+            let (start, end) = info.data_offsets;
+            let numel: usize = info.shape.iter().product();
+            if start > end || end as u64 > data_len || (end - start) * 8 != numel * info.dtype.bitsize() {
+                return Err(Error::format(
+                    format!("{}: tensor `{name}`", path.display()),
+                    format!(
+                        "data offsets {:?} do not fit {:?} {:?} in the file",
+                        info.data_offsets, info.dtype, info.shape
+                    ),
+                ));
+            }
+            tensors.insert(name, info.clone());
+        }
+        Ok(TensorFile { path: path.to_path_buf(), file: Mutex::new(file), data_start: 8 + n, tensors })
+    }
+
+    fn read(&self, name: &str) -> Result<RawTensor> {
+        let info = &self.tensors[name];
+        let (start, end) = info.data_offsets;
+        let mut data = vec![0u8; end - start];
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        f.seek(SeekFrom::Start(self.data_start + start as u64))
+            .and_then(|_| f.read_exact(&mut data))
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(RawTensor { dtype: info.dtype, shape: info.shape.clone(), data })
+    }
+}
+
+/// One or more safetensors files and where each tensor lives.
 pub struct TensorFiles {
-    files: Vec<(PathBuf, Vec<u8>)>,
+    files: Vec<TensorFile>,
     index: HashMap<String, usize>,
+    quantize: Option<Nf4Config>,
 }
 
 impl TensorFiles {
@@ -45,15 +111,34 @@ impl TensorFiles {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| Error::format(p.display().to_string(), format!("not a safetensors file: {e}")))?;
-            for name in st.names() {
-                index.insert(name.to_string(), i);
-            }
-            files.push((p.clone(), bytes));
+            let f = TensorFile::open(p)?;
+            index.extend(f.tensors.keys().map(|name| (name.clone(), i)));
+            files.push(f);
         }
-        Ok(TensorFiles { files, index })
+        Ok(TensorFiles { files, index, quantize: None })
+    }
+
+    /// QLoRA loading: float linear weights other than `lm_head` are quantized to NF4 with `cfg`
+    /// as they are read (one tensor at a time, so the f32 copy of the model never exists).
+    pub fn quantize_linears(mut self, cfg: Nf4Config) -> Self {
+        self.quantize = Some(cfg);
+        self
+    }
+
+    /// The quantization set by [`TensorFiles::quantize_linears`].
+    pub fn quantize_config(&self) -> Option<Nf4Config> {
+        self.quantize
+    }
+
+    /// Tensor `name` as stored (any dtype); `Ok(None)` when there is none.
+    pub fn raw(&self, name: &str) -> Result<Option<RawTensor>> {
+        self.index.get(name).map(|&i| self.files[i].read(name)).transpose()
+    }
+
+    /// The stored dtype and shape of tensor `name`, without reading it.
+    pub fn info(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        let info = &self.files[*self.index.get(name)?].tensors[name];
+        Some((info.dtype, &info.shape))
     }
 
     /// All tensor names.
@@ -68,24 +153,23 @@ impl TensorFiles {
     /// Where tensor `name` would be read from (for error messages).
     pub fn location(&self, name: &str) -> String {
         match self.index.get(name) {
-            Some(&i) => self.files[i].0.display().to_string(),
-            None => self.files.iter().map(|f| f.0.display().to_string()).collect::<Vec<_>>().join(", "),
+            Some(&i) => self.files[i].path.display().to_string(),
+            None => self.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "),
         }
     }
 
     /// Tensor `name` as f32 with its shape and stored dtype; errors name the file and tensor.
     pub fn get(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>, Dtype)> {
-        let &i = self
-            .index
-            .get(name)
+        let t = self
+            .raw(name)?
             .ok_or_else(|| Error::format(format!("{}: tensor `{name}`", self.location(name)), "missing"))?;
-        let (path, bytes) = &self.files[i];
-        let what = || format!("{}: tensor `{name}`", path.display());
-        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(what(), e.to_string()))?;
-        let tv = st.tensor(name).map_err(|e| Error::format(what(), e.to_string()))?;
-        let data = decode(tv.dtype(), tv.data())
-            .ok_or_else(|| Error::format(what(), format!("unsupported dtype {:?} (F32, BF16, F16)", tv.dtype())))?;
-        Ok((data, tv.shape().to_vec(), tv.dtype()))
+        let data = decode(t.dtype, &t.data).ok_or_else(|| {
+            Error::format(
+                format!("{}: tensor `{name}`", self.location(name)),
+                format!("unsupported dtype {:?} (F32, BF16, F16)", t.dtype),
+            )
+        })?;
+        Ok((data, t.shape, t.dtype))
     }
 
     /// As [`TensorFiles::get`], checking the shape.
@@ -120,6 +204,20 @@ pub fn encode(dtype: WeightDtype, v: &[f32]) -> (Dtype, Vec<u8>) {
     }
 }
 
+/// `tensors` (name → (shape, data)) encoded as `dtype`.
+pub fn encode_tensors(
+    tensors: &BTreeMap<String, (Vec<usize>, &[f32])>,
+    dtype: WeightDtype,
+) -> Vec<(String, RawTensor)> {
+    tensors
+        .iter()
+        .map(|(k, (shape, data))| {
+            let (dtype, data) = encode(dtype, data);
+            (k.clone(), RawTensor { dtype, shape: shape.clone(), data })
+        })
+        .collect()
+}
+
 /// Writes `tensors` (name → (shape, data)) as one safetensors file with `{"format": "pt"}`
 /// metadata, so that `safetensors.torch`, transformers and PEFT load it.
 pub fn write_safetensors(
@@ -127,22 +225,5 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, (Vec<usize>, &[f32])>,
     dtype: WeightDtype,
 ) -> Result<()> {
-    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, (shape, data))| {
-            let (dt, bytes) = encode(dtype, data);
-            (k.clone(), dt, shape.clone(), bytes)
-        })
-        .collect();
-    let views = encoded
-        .iter()
-        .map(|(k, dt, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
-                .map(|v| (k.as_str(), v))
-                .map_err(|e| Error::format(format!("{}: tensor `{k}`", path.display()), e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| Error::format(path.display().to_string(), e.to_string()))
+    crate::quant::checkpoint::write_safetensors(path, &encode_tensors(tensors, dtype))
 }

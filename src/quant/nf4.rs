@@ -267,6 +267,25 @@ impl Nf4Tensor {
     /// Parallel over groups of blocks. Errors if the state is inconsistent or `out` has the wrong
     /// length.
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
+        self.dequantize_with(out, T::from_f32)
+    }
+
+    /// Dequantizes to f32 exactly as bitsandbytes' `dequantize_4bit` returns the weight (in the
+    /// tensor's own [`Nf4Tensor::dtype`], e.g. rounded to bf16), widened to f32: the values a bnb
+    /// model's forward multiplies by.
+    pub fn dequantize_f32_into(&self, out: &mut [f32]) -> Result<()> {
+        fn via<T: Element>(v: f32) -> f32 {
+            T::from_f32(v).to_f32()
+        }
+        match self.dtype {
+            QuantDtype::F32 => self.dequantize_with(out, via::<f32>),
+            QuantDtype::BF16 => self.dequantize_with(out, via::<half::bf16>),
+            QuantDtype::F16 => self.dequantize_with(out, via::<half::f16>),
+        }
+    }
+
+    /// The parallel dequantization loop; `entry` converts an f32 product to the output element.
+    fn dequantize_with<O: Copy + Send + Sync>(&self, out: &mut [O], entry: impl Fn(f32) -> O + Sync) -> Result<()> {
         self.validate("nf4 dequantize")?;
         let n = self.numel();
         if out.len() != n {
@@ -278,7 +297,7 @@ impl Nf4Tensor {
             .zip(self.packed.par_chunks(bs / 2))
             .zip(absmax.par_iter())
             .with_min_len((16384 / bs).max(1))
-            .for_each(|((o, p), &s)| dequantize_block(p, s, o));
+            .for_each(|((o, p), &s)| dequantize_block(p, std::array::from_fn(|i| entry(NF4_CODE[i] * s)), o));
         Ok(())
     }
 
@@ -305,8 +324,7 @@ impl Nf4Tensor {
 /// One block: a 16-entry table of `T(code[i] * scale)` (the same f32 product per element, so
 /// bit-identical), then two lookups per byte.
 #[inline]
-fn dequantize_block<T: Element>(packed: &[u8], scale: f32, out: &mut [T]) {
-    let table: [T; 16] = std::array::from_fn(|i| T::from_f32(NF4_CODE[i] * scale));
+fn dequantize_block<O: Copy>(packed: &[u8], table: [O; 16], out: &mut [O]) {
     let mut pairs = out.chunks_exact_mut(2);
     for (o, &b) in (&mut pairs).zip(packed) {
         o[0] = table[(b >> 4) as usize];

@@ -64,7 +64,9 @@ pub struct TrainOptions {
     /// Rank-stabilized LoRA: scale alpha/√r. Default: false.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub rslora: Option<bool>,
-    /// QLoRA: NF4 (4-bit) frozen base weights. Default: false (not yet supported on the CPU backend).
+    /// QLoRA: the decoder's frozen linear weights held as NF4 (blocksize 64, double
+    /// quantization, as bitsandbytes), dequantized per use. Default: false (a bnb-4bit
+    /// checkpoint is NF4 either way).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub qlora: Option<bool>,
     /// Peak learning rate. Default: 2e-4 (3e-3 for the embedded default model, which starts

@@ -79,8 +79,9 @@ impl Tokenizer {
     }
 
     /// The tokenizer of model directory `dir`: `tokenizer.json` when present, else bytes
-    /// (which needs `vocab_size ≥ 258`). `tokenizer_config.json` supplies the chat template and
-    /// the bos/eos tokens; `eos_token_id` is the fallback for eos.
+    /// (which needs `vocab_size ≥ 258`). `tokenizer_config.json` supplies the bos/eos tokens and
+    /// the chat template, unless `chat_template.jinja` holds it (what transformers ≥ 4.52
+    /// writes, and loads in preference); `eos_token_id` is the fallback for eos.
     pub fn from_model_dir(dir: &Path, vocab_size: usize, eos_token_id: Option<u32>) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Option<serde_json::Map<String, Value>> = if cfg_path.exists() {
@@ -93,7 +94,9 @@ impl Tokenizer {
         } else {
             None
         };
+        let jinja = dir.join("chat_template.jinja");
         let template = match cfg.as_ref().and_then(|c| c.get("chat_template")) {
+            _ if jinja.exists() => Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?),
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             // Newer files may hold a list of named templates; take "default".

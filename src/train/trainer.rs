@@ -7,7 +7,7 @@
 //! - `loss.svg`: train loss, eval loss and learning rate;
 //! - `train_config.json`: the resolved configuration; `summary.json`: the final numbers;
 //! - `base/`: for the embedded default model only, the randomly initialized base model (an HF
-//!   directory), so that `generate` and `merge` can use the adapter.
+//!   directory; a bnb-4bit one with `qlora`), so that `generate` and `merge` can use the adapter.
 //!
 //! Determinism: the data order is a function of (seed, epoch), the dropout masks of (seed,
 //! micro-batch index), the learning rate of the step; the CPU ops are deterministic for a fixed
@@ -21,8 +21,10 @@ use super::progress::{fmt_duration, peak_rss_bytes, Progress};
 use super::schedule::Schedule;
 use super::{clip_grad_norm, loss_and_grads, AdamW};
 use crate::autograd::{Grads, Tape};
+use crate::model::base_weight::BaseWeightBytes;
 use crate::model::{Llama, LlamaConfig, LoraConfig, Mode, TargetModules};
 use crate::ops::loss::IGNORE_INDEX;
+use crate::quant::Nf4Config;
 use crate::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,8 @@ pub struct Summary {
     pub last10_mean_loss: f32,
     pub final_eval_loss: Option<f32>,
     pub peak_rss_bytes: Option<u64>,
+    /// Resident bytes of the base model's linear weights (NF4 with `qlora`).
+    pub base_weight_bytes: BaseWeightBytes,
     pub adapter_dir: PathBuf,
     pub output_dir: PathBuf,
     pub resumed_from_step: Option<usize>,
@@ -68,19 +72,57 @@ fn embedded_tokenizer() -> Result<Tokenizer> {
     Ok(Tokenizer::bytes(v.get("chat_template").and_then(|t| t.as_str()).map(String::from)))
 }
 
-/// The base model and its tokenizer per the config.
+/// The base model and its tokenizer per the config. With `qlora` the decoder's linear weights
+/// are NF4 (blocksize 64, double quantization), quantized as they are loaded; a bnb-4bit
+/// checkpoint is NF4 either way.
 pub fn load_model(cfg: &TrainConfig) -> Result<(Llama, Tokenizer)> {
     match &cfg.model {
         Some(dir) => {
-            let model = Llama::from_dir(dir)?;
+            let model =
+                if cfg.qlora { Llama::from_dir_quantized(dir, Nf4Config::default())? } else { Llama::from_dir(dir)? };
             let tok = Tokenizer::from_model_dir(dir, model.config.vocab_size, model.config.eos_token_id)?;
             Ok((model, tok))
         }
         None => {
             let c = LlamaConfig::from_json(DEFAULT_MODEL_CONFIG, "assets/default/config.json")?;
-            Ok((Llama::random(c, cfg.seed)?, embedded_tokenizer()?))
+            let mut model = Llama::random(c, cfg.seed)?;
+            if cfg.qlora {
+                model.quantize_linears(Nf4Config::default())?;
+            }
+            Ok((model, embedded_tokenizer()?))
         }
     }
+}
+
+/// The device line: `--backend auto` and `cpu` run on the CPU (the Llama ops have no GPU path).
+fn backend_line(backend: Backend) -> String {
+    let threads = rayon::current_num_threads();
+    match backend {
+        Backend::Cpu => format!("cpu ({threads} threads)"),
+        _ => match crate::device::cuda::Cuda::new(0) {
+            Ok(_) => format!(
+                "auto → cpu ({threads} threads): a CUDA device is present, but the Llama ops have no GPU path yet"
+            ),
+            Err(e) => format!("auto → cpu ({threads} threads): no usable CUDA device ({e})"),
+        },
+    }
+}
+
+/// The base weights' line: resident bytes of the linear layers (NF4 vs f32).
+fn base_weights_line(model: &Llama) -> String {
+    let b = model.base_weight_bytes();
+    let mib = |x: u64| x as f64 / (1 << 20) as f64;
+    if b.nf4_weights == 0 {
+        return format!("linear weights f32, {:.2} MiB resident", mib(b.f32_bytes));
+    }
+    format!(
+        "decoder linear weights NF4 (double quant): {} weights in {:.2} MiB ({:.3} bits/weight; f32 would be {:.2} MiB){}",
+        b.nf4_weights,
+        mib(b.nf4_bytes),
+        b.nf4_bits_per_weight(),
+        mib(4 * b.nf4_weights),
+        if b.f32_bytes > 0 { format!(", lm_head f32 {:.2} MiB", mib(b.f32_bytes)) } else { String::new() }
+    )
 }
 
 /// The training records per the config (the embedded dataset when no file is given).
@@ -175,12 +217,6 @@ pub fn train(cfg: &TrainConfig, start: StartMode) -> Result<Summary> {
             ))
         }
         Backend::Auto | Backend::Cpu => {}
-    }
-    if cfg.qlora {
-        return Err(Error::config(
-            "qlora",
-            "not yet supported on this backend (the CPU trainer has no NF4 base path yet); drop --qlora",
-        ));
     }
     super::retain_heap_memory();
     let out = cfg.output_dir.clone();
@@ -338,7 +374,7 @@ pub fn train(cfg: &TrainConfig, start: StartMode) -> Result<Summary> {
         ds.eval.len()
     );
     println!(
-        "LoRA: r {} alpha {} dropout {} on {} modules ({} trainable parameters); {} steps × {} sequences; backend cpu ({} threads)",
+        "LoRA: r {} alpha {} dropout {} on {} modules ({} trainable parameters); {} steps × {} sequences; backend {}",
         cfg.r,
         cfg.alpha,
         cfg.dropout,
@@ -346,8 +382,9 @@ pub fn train(cfg: &TrainConfig, start: StartMode) -> Result<Summary> {
         n_params,
         total,
         per_step,
-        rayon::current_num_threads()
+        backend_line(cfg.backend)
     );
+    println!("base: {}", base_weights_line(&model));
 
     let sched = Schedule { kind: cfg.schedule, peak: cfg.lr, warmup: cfg.warmup_steps, total };
     let mut progress = Progress::new(total, cfg.log_every);
@@ -475,6 +512,7 @@ pub fn train(cfg: &TrainConfig, start: StartMode) -> Result<Summary> {
         },
         final_eval_loss: rows.iter().rev().find_map(|r| r.eval_loss),
         peak_rss_bytes: peak_rss_bytes(),
+        base_weight_bytes: model.base_weight_bytes(),
         adapter_dir,
         output_dir: out.clone(),
         resumed_from_step: resumed_from,
