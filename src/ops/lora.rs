@@ -16,6 +16,7 @@ use super::matmul::{gemm, gemm_new, skinny_gemm, Tr, View};
 use super::philox::DropoutMask;
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows per task of the rank-`r` branch: the chunk's dropped `x` (and Philox words) lives only
 /// in a per-thread buffer, in cache, and each chunk's operands fit in L2.
@@ -95,11 +96,17 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, sh: LinearShape) -> Re
     check("linear", "x", x.len(), sh.m * sh.k)?;
     check("linear", "weight", w.len(), sh.n * sh.k)?;
     let mut y = gemm_new(sh.m, sh.n, sh.k, 1.0, x, Tr::N, w, Tr::T, true);
-    if let Some(b) = bias {
-        check("linear", "bias", b.len(), sh.n)?;
-        y.par_chunks_mut(sh.n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-    }
+    add_bias(&mut y, bias, sh.n)?;
     Ok(y)
+}
+
+/// `y[i, :] += bias` for every row of `y [·, n]`.
+fn add_bias(y: &mut [f32], bias: Option<&[f32]>, n: usize) -> Result<()> {
+    if let Some(b) = bias {
+        check("linear", "bias", b.len(), n)?;
+        y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+    Ok(())
 }
 
 /// Input gradient of a linear layer: `dx[m,k] = dy[m,n]·W[n,k]`.
@@ -153,14 +160,25 @@ fn rm(d: &[f32], cols: usize) -> View<'_> {
 
 crate::simd_fn! {
     /// Rank-`r` forward of one chunk of rows (dims = `(k, n, r)`): `S = xd·Aᵀ` into `s [rows, r]`,
-    /// `y += sc·S·Bᵀ` into `y [rows, n]`; `xd` is the chunk's `drop(x)`, `at = Aᵀ`, `bt = Bᵀ`.
-    fn forward_chunk(xd: &[f32], dims: (usize, usize, usize), at: &[f32], bt: &[f32], sc: f32, y: &mut [f32], s: &mut [f32]) {
+    /// `y = sc·S·Bᵀ` into `y [rows, n]` (every element written); `xd` is the chunk's `drop(x)`,
+    /// `at = Aᵀ`, `bt = Bᵀ`.
+    fn forward_chunk(
+        xd: &[f32],
+        dims: (usize, usize, usize),
+        at: &[f32],
+        bt: &[f32],
+        sc: f32,
+        y: &mut [MaybeUninit<f32>],
+        s: &mut [f32],
+    ) {
         let (k, n, r) = dims;
         let rows = s.len() / r;
         skinny_gemm(rows, r, k, rm(xd, k), rm(at, r), &mut |i, j0, v| s[i * r + j0..][..v.len()].copy_from_slice(v));
         let s = &*s;
         skinny_gemm(rows, n, r, rm(s, r), rm(bt, n), &mut |i, j0, v| {
-            y[i * n + j0..][..v.len()].iter_mut().zip(v).for_each(|(y, v)| *y += sc * v)
+            y[i * n + j0..][..v.len()].iter_mut().zip(v).for_each(|(y, v)| {
+                y.write(sc * v);
+            })
         });
     }
 }
@@ -168,8 +186,8 @@ crate::simd_fn! {
 crate::simd_fn! {
     /// Rank-`r` backward of one chunk of rows (dims = `(k, n, r)`): `dS = sc·dy·B` into `ds`,
     /// `dB = sc·dyᵀ·S` into `db [n, r]`, `dA = dSᵀ·xd` into `da [r, k]` (this chunk's parts),
-    /// and `dx += drop'(dS·A)` when `dx` is given, by `words` (the chunk's Philox words,
-    /// unused when `mask` is the identity).
+    /// and `dx = drop'(dS·A)` (every element written) when `dx` is given, by `words` (the chunk's
+    /// Philox words, unused when `mask` is the identity).
     fn backward_chunk(
         dy: &[f32],
         xd: &[f32],
@@ -181,7 +199,7 @@ crate::simd_fn! {
         words: &[u32],
         sc: f32,
         ds: &mut [f32],
-        dx: Option<&mut [f32]>,
+        dx: Option<&mut [MaybeUninit<f32>]>,
         da: &mut [f32],
         db: &mut [f32],
     ) {
@@ -199,14 +217,18 @@ crate::simd_fn! {
         let Some(dx) = dx else { return };
         if mask.is_identity() {
             skinny_gemm(rows, k, r, rm(ds, r), rm(a, k), &mut |i, j0, v| {
-                dx[i * k + j0..][..v.len()].iter_mut().zip(v).for_each(|(d, v)| *d += v)
+                dx[i * k + j0..][..v.len()].iter_mut().zip(v).for_each(|(d, &v)| {
+                    d.write(v);
+                })
             });
         } else {
             let (th, scl) = (mask.threshold, mask.scale);
             skinny_gemm(rows, k, r, rm(ds, r), rm(a, k), &mut |i, j0, v| {
                 let o = i * k + j0;
                 let it = dx[o..][..v.len()].iter_mut().zip(v.iter().zip(&words[o..][..v.len()]));
-                it.for_each(|(d, (&v, &w))| *d += if w >= th { v * scl } else { 0.0 })
+                it.for_each(|(d, (&v, &w))| {
+                    d.write(if w >= th { v * scl } else { 0.0 });
+                })
             });
         }
     }
@@ -234,22 +256,35 @@ pub fn lora_forward(
     let r = cfg.r;
     check("lora_forward", "A", a.len(), r * k)?;
     check("lora_forward", "B", b.len(), n * r)?;
-    let mut y = linear(x, w0, bias, sh)?;
     let (mask, sc) = (cfg.mask(offset, train), cfg.scaling());
     let mut s = vec![0.0; m * r];
     if r == 0 {
-        return Ok(LoraForward { y, s });
+        return Ok(LoraForward { y: linear(x, w0, bias, sh)?, s });
     }
+    check("lora_forward", "x", x.len(), m * k)?;
+    check("lora_forward", "weight", w0.len(), n * k)?;
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
     let (at, bt) = (transpose(a, r, k), transpose(b, n, r));
-    y.par_chunks_mut(CHUNK_ROWS * n).zip(s.par_chunks_mut(CHUNK_ROWS * r)).enumerate().for_each(|(c, (yc, sr))| {
-        let (row0, rows) = (c * CHUNK_ROWS, yc.len() / n);
-        let nw = words_len.min(rows * k);
-        with_scratch(nw, |xd, words| {
-            let xd = dropped(&mask, row0 * k, &x[row0 * k..(row0 + rows) * k], xd, words);
-            forward_chunk(xd, (k, n, r), &at, &bt, sc, yc, sr);
-        })
-    });
+    // The rank-r term first, then the base GEMM adds onto it (beta = 1): y is written once by
+    // the chunk pass and read once inside the GEMM's own store, instead of a second
+    // read-modify-write pass over y after the GEMM.
+    let mut y = Vec::with_capacity(m * n);
+    let y_uninit = &mut y.spare_capacity_mut()[..m * n];
+    y_uninit.par_chunks_mut(CHUNK_ROWS * n).zip(s.par_chunks_mut(CHUNK_ROWS * r)).enumerate().for_each(
+        |(c, (yc, sr))| {
+            let (row0, rows) = (c * CHUNK_ROWS, yc.len() / n);
+            let nw = words_len.min(rows * k);
+            with_scratch(nw, |xd, words| {
+                let xd = dropped(&mask, row0 * k, &x[row0 * k..(row0 + rows) * k], xd, words);
+                forward_chunk(xd, (k, n, r), &at, &bt, sc, yc, sr);
+            })
+        },
+    );
+    // SAFETY: skinny_gemm hands every (row, column) of each chunk to the store closure, which
+    // writes it, and the chunks tile all m·n elements.
+    unsafe { y.set_len(m * n) };
+    gemm(m, n, k, 1.0, x, Tr::N, w0, Tr::T, 1.0, &mut y, true);
+    add_bias(&mut y, bias, n)?;
     Ok(LoraForward { y, s })
 }
 
@@ -281,13 +316,19 @@ pub fn lora_backward(
     check("lora_backward", "A", a.len(), r * k)?;
     check("lora_backward", "B", b.len(), n * r)?;
     let (mask, sc) = (cfg.mask(offset, train), cfg.scaling());
-    let mut dx = need_dx.then(|| linear_backward_input(dy, w0, sh));
     if r == 0 {
-        return Ok(LoraGrads { dx, da: Vec::new(), db: Vec::new() });
+        return Ok(LoraGrads {
+            dx: need_dx.then(|| linear_backward_input(dy, w0, sh)),
+            da: Vec::new(),
+            db: Vec::new(),
+        });
     }
+    check("lora_backward", "weight", w0.len(), n * k)?;
+    // As in forward: the chunk pass writes dx = drop'(dS·A), then the dx GEMM adds dy·W0 onto it.
+    let mut dx: Option<Vec<f32>> = need_dx.then(|| Vec::with_capacity(m * k));
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
     // One task per chunk of rows; each returns its partial dA [r,k] and dB [n,r].
-    let chunk = |row0: usize, dxc: Option<&mut [f32]>| -> (Vec<f32>, Vec<f32>) {
+    let chunk = |row0: usize, dxc: Option<&mut [MaybeUninit<f32>]>| -> (Vec<f32>, Vec<f32>) {
         let rows = (m - row0).min(CHUNK_ROWS);
         let rng = |w: usize| row0 * w..(row0 + rows) * w;
         let (dyc, xc, sc_rows) = (&dy[rng(n)], &x[rng(k)], &s[rng(r)]);
@@ -300,11 +341,18 @@ pub fn lora_backward(
         (da, db)
     };
     let parts: Vec<(Vec<f32>, Vec<f32>)> = match dx.as_mut() {
-        Some(dx) => {
-            dx.par_chunks_mut(CHUNK_ROWS * k).enumerate().map(|(c, dxc)| chunk(c * CHUNK_ROWS, Some(dxc))).collect()
-        }
+        Some(dx) => dx.spare_capacity_mut()[..m * k]
+            .par_chunks_mut(CHUNK_ROWS * k)
+            .enumerate()
+            .map(|(c, dxc)| chunk(c * CHUNK_ROWS, Some(dxc)))
+            .collect(),
         None => (0..m.div_ceil(CHUNK_ROWS)).into_par_iter().map(|c| chunk(c * CHUNK_ROWS, None)).collect(),
     };
+    if let Some(dx) = dx.as_mut() {
+        // SAFETY: as in lora_forward, the chunk pass wrote all m·k elements.
+        unsafe { dx.set_len(m * k) };
+        gemm(m, k, n, 1.0, dy, Tr::N, w0, Tr::N, 1.0, dx, true);
+    }
     let mut parts = parts.into_iter();
     let (mut da, mut db) = parts.next().unwrap_or_else(|| (vec![0.0; r * k], vec![0.0; n * r]));
     for (pa, pb) in parts {
