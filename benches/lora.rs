@@ -70,6 +70,10 @@ fn unfused_cpu_step(
 }
 
 fn cpu(c: &mut Criterion) {
+    // As the trainer does: without it every call's fresh 2 MB outputs come back from mmap as new
+    // pages, and the page faults (~2,800 per fwd+bwd here) cost 15-20% of the plain linear's
+    // median time on a 2-core machine, hiding the kernels' own cost.
+    lorafuse::train::retain_heap_memory();
     let mut group = c.benchmark_group("lora_cpu");
     group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     for &(m, k, n, r, p) in &[(512, 1024, 1024, 16, 0.0f32), (512, 1024, 1024, 16, 0.1), (2048, 2048, 2048, 16, 0.1)] {
