@@ -1,7 +1,7 @@
 //! Differentiable ops: a forward from [`crate::ops`] plus the backward closure the tape records.
 //!
 //! Each op saves only what its backward reads (by `Arc`, so nothing is copied): `linear` saves
-//! the weight; `lora_linear` the input `x`, `W0`, `A`, `B` and `S = drop(x)·Aᵀ`; `rms_norm` the
+//! the weight (packed, for an NF4 weight: see [`FrozenWeight`]); `lora_linear` the input `x`, `W0`, `A`, `B` and `S = drop(x)·Aᵀ`; `rms_norm` the
 //! input and `rstd`; `rope` nothing but the table; `attention` `q`, `k`, `v` and the
 //! log-sum-exp; `swiglu` its two inputs; the loss its own gradient.
 
@@ -37,23 +37,43 @@ pub fn add(tape: &Tape, a: &Var, b: &Var) -> Result<Var> {
     tape.record(y, a.shape(), &[a, b], || Box::new(move |g| Ok(vec![ga.then(|| g.to_vec()), gb.then(|| g.to_vec())])))
 }
 
+/// A frozen weight `W [n, k]` as the linear ops read it: dense f32 values, borrowed where the
+/// weight is stored dense, or made for the one use (an NF4 weight is dequantized in forward and
+/// again in backward, so the tape keeps only the packed weight).
+pub trait FrozenWeight: 'static {
+    /// Runs `f` on the dense row-major values.
+    fn with_dense<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R>;
+}
+
+impl FrozenWeight for Vec<f32> {
+    fn with_dense<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        f(self)
+    }
+}
+
 /// Frozen linear layer `y = x·Wᵀ + bias`, `W [n, k]`; backward gives `dx = dy·W`.
-pub fn linear(tape: &Tape, x: &Var, w: &Arc<Vec<f32>>, bias: Option<&Arc<Vec<f32>>>, n: usize) -> Result<Var> {
+pub fn linear<W: FrozenWeight>(
+    tape: &Tape,
+    x: &Var,
+    w: &Arc<W>,
+    bias: Option<&Arc<Vec<f32>>>,
+    n: usize,
+) -> Result<Var> {
     let (m, k) = rows_cols(x, "linear")?;
     let sh = LinearShape { m, k, n };
-    let y = lora::linear(x.data(), w, bias.map(|b| b.as_slice()), sh)?;
+    let y = w.with_dense(|w| lora::linear(x.data(), w, bias.map(|b| b.as_slice()), sh))?;
     tape.record(y, &with_last(x, n), &[x], || {
         let w = w.clone();
-        Box::new(move |g| Ok(vec![Some(lora::linear_backward_input(g, &w, sh))]))
+        Box::new(move |g| w.with_dense(|w| Ok(vec![Some(lora::linear_backward_input(g, w, sh))])))
     })
 }
 
 /// The LoRA linear op (see [`crate::ops::lora`]) with trainable `a [r, k]`, `b [n, r]`.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_linear(
+pub fn lora_linear<W: FrozenWeight>(
     tape: &Tape,
     x: &Var,
-    w0: &Arc<Vec<f32>>,
+    w0: &Arc<W>,
     bias: Option<&Arc<Vec<f32>>>,
     a: &Var,
     b: &Var,
@@ -64,13 +84,15 @@ pub fn lora_linear(
     let (m, k) = rows_cols(x, "lora_linear")?;
     let n = b.len() / cfg.r.max(1);
     let sh = LinearShape { m, k, n };
-    let f = lora::lora_forward(x.data(), w0, bias.map(|b| b.as_slice()), a.data(), b.data(), sh, &cfg, offset, train)?;
+    let bias = bias.map(|b| b.as_slice());
+    let f = w0.with_dense(|w0| lora::lora_forward(x.data(), w0, bias, a.data(), b.data(), sh, &cfg, offset, train))?;
     let need = [x.requires_grad(), a.requires_grad(), b.requires_grad()];
     let s = f.s;
     tape.record(f.y, &with_last(x, n), &[x, a, b], || {
         let (x, w0, a, b) = (x.arc().clone(), w0.clone(), a.arc().clone(), b.arc().clone());
         Box::new(move |g| {
-            let gr = lora::lora_backward(g, &x, &w0, &a, &b, &s, sh, &cfg, offset, train, need[0])?;
+            let gr =
+                w0.with_dense(|w0| lora::lora_backward(g, &x, w0, &a, &b, &s, sh, &cfg, offset, train, need[0]))?;
             Ok(vec![gr.dx, need[1].then_some(gr.da), need[2].then_some(gr.db)])
         })
     })

@@ -15,7 +15,7 @@ use super::llama::Llama;
 use super::weights::TensorFiles;
 use crate::autograd::functions as F;
 use crate::autograd::{Tape, Var};
-use crate::ops::lora::{self, LinearShape, LoraOpConfig};
+use crate::ops::lora::LoraOpConfig;
 use crate::quant::checkpoint::QUANT_STATE_NF4;
 use crate::quant::{Absmax, Nf4Bytes, Nf4Config, Nf4Tensor, QuantDtype};
 use crate::{Error, Result};
@@ -145,20 +145,10 @@ impl LinearWeight {
 
     /// `y = x·Wᵀ + bias` on the tape (see [`F::linear`]).
     pub fn linear(&self, tape: &Tape, x: &Var, bias: Option<&Arc<Vec<f32>>>, n: usize) -> Result<Var> {
-        let t = match self {
-            LinearWeight::F32(w) => return F::linear(tape, x, w, bias, n),
-            LinearWeight::Nf4(t) => t,
-        };
-        if !tape.needs_grad(&[x]) {
-            // Nothing is recorded, so the dequantized buffer dies with this call.
-            return F::linear(tape, x, &dequantize(t)?, bias, n);
+        match self {
+            LinearWeight::F32(w) => F::linear(tape, x, w, bias, n),
+            LinearWeight::Nf4(t) => F::linear(tape, x, t, bias, n),
         }
-        let (sh, out_shape) = shapes(x, n)?;
-        let y = lora::linear(x.data(), &dequantize(t)?, bias.map(|b| b.as_slice()), sh)?;
-        tape.record(y, &out_shape, &[x], || {
-            let t = t.clone();
-            Box::new(move |g| Ok(vec![Some(lora::linear_backward_input(g, &dequantize(&t)?, sh))]))
-        })
     }
 
     /// The LoRA linear op with trainable `a`, `b` (see [`F::lora_linear`]).
@@ -174,26 +164,19 @@ impl LinearWeight {
         offset: u64,
         train: bool,
     ) -> Result<Var> {
-        let t = match self {
-            LinearWeight::F32(w) => return F::lora_linear(tape, x, w, bias, a, b, cfg, offset, train),
-            LinearWeight::Nf4(t) => t,
-        };
-        if !tape.needs_grad(&[x, a, b]) {
-            return F::lora_linear(tape, x, &dequantize(t)?, bias, a, b, cfg, offset, train);
+        match self {
+            LinearWeight::F32(w) => F::lora_linear(tape, x, w, bias, a, b, cfg, offset, train),
+            LinearWeight::Nf4(t) => F::lora_linear(tape, x, t, bias, a, b, cfg, offset, train),
         }
-        let (sh, out_shape) = shapes(x, b.len() / cfg.r.max(1))?;
-        let bias_s = bias.map(|b| b.as_slice());
-        let f = lora::lora_forward(x.data(), &dequantize(t)?, bias_s, a.data(), b.data(), sh, &cfg, offset, train)?;
-        let need = [x.requires_grad(), a.requires_grad(), b.requires_grad()];
-        let s = f.s;
-        tape.record(f.y, &out_shape, &[x, a, b], || {
-            let (t, x, a, b) = (t.clone(), x.arc().clone(), a.arc().clone(), b.arc().clone());
-            Box::new(move |g| {
-                let w0 = dequantize(&t)?;
-                let gr = lora::lora_backward(g, &x, &w0, &a, &b, &s, sh, &cfg, offset, train, need[0])?;
-                Ok(vec![gr.dx, need[1].then_some(gr.da), need[2].then_some(gr.db)])
-            })
-        })
+    }
+}
+
+/// Each use dequantizes into a transient buffer, bit-exact with bitsandbytes.
+impl F::FrozenWeight for Nf4Tensor {
+    fn with_dense<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        let mut out = vec![0f32; self.numel()];
+        self.dequantize_f32_into(&mut out)?;
+        f(&out)
     }
 }
 
@@ -202,19 +185,6 @@ fn dequantize(t: &Nf4Tensor) -> Result<Arc<Vec<f32>>> {
     let mut out = vec![0f32; t.numel()];
     t.dequantize_f32_into(&mut out)?;
     Ok(Arc::new(out))
-}
-
-/// The GEMM shape of `x [.., k]` times `W [n, k]ᵀ`, and the output's shape.
-fn shapes(x: &Var, n: usize) -> Result<(LinearShape, Vec<usize>)> {
-    let mut shape = x.shape().to_vec();
-    match shape.last_mut() {
-        Some(k) if *k > 0 => {
-            let sh = LinearShape { m: x.len() / *k, k: *k, n };
-            *k = n;
-            Ok((sh, shape))
-        }
-        _ => Err(Error::shape("nf4 linear", format!("input shape {:?} has no last dimension", x.shape()))),
-    }
 }
 
 /// Resident bytes of the model's linear weights.
