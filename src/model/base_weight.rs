@@ -174,9 +174,7 @@ impl LinearWeight {
 /// Each use dequantizes into a transient buffer, bit-exact with bitsandbytes.
 impl F::FrozenWeight for Nf4Tensor {
     fn with_dense<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        let mut out = vec![0f32; self.numel()];
-        self.dequantize_f32_into(&mut out)?;
-        f(&out)
+        f(&dequantize(self)?)
     }
 }
 

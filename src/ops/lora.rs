@@ -254,6 +254,8 @@ pub fn lora_forward(
 ) -> Result<LoraForward> {
     let LinearShape { m, k, n } = sh;
     let r = cfg.r;
+    check("lora_forward", "x", x.len(), m * k)?;
+    check("lora_forward", "weight", w0.len(), n * k)?;
     check("lora_forward", "A", a.len(), r * k)?;
     check("lora_forward", "B", b.len(), n * r)?;
     let (mask, sc) = (cfg.mask(offset, train), cfg.scaling());
@@ -261,8 +263,6 @@ pub fn lora_forward(
     if r == 0 {
         return Ok(LoraForward { y: linear(x, w0, bias, sh)?, s });
     }
-    check("lora_forward", "x", x.len(), m * k)?;
-    check("lora_forward", "weight", w0.len(), n * k)?;
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
     let (at, bt) = (transpose(a, r, k), transpose(b, n, r));
     // The rank-r term first, then the base GEMM adds onto it (beta = 1): y is written once by
@@ -312,6 +312,7 @@ pub fn lora_backward(
     let r = cfg.r;
     check("lora_backward", "dy", dy.len(), m * n)?;
     check("lora_backward", "x", x.len(), m * k)?;
+    check("lora_backward", "weight", w0.len(), n * k)?;
     check("lora_backward", "S", s.len(), m * r)?;
     check("lora_backward", "A", a.len(), r * k)?;
     check("lora_backward", "B", b.len(), n * r)?;
@@ -323,7 +324,6 @@ pub fn lora_backward(
             db: Vec::new(),
         });
     }
-    check("lora_backward", "weight", w0.len(), n * k)?;
     // As in forward: the chunk pass writes dx = drop'(dS·A), then the dx GEMM adds dy·W0 onto it.
     let mut dx: Option<Vec<f32>> = need_dx.then(|| Vec::with_capacity(m * k));
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
