@@ -78,6 +78,14 @@ fn weight_errors_name_file_and_tensor() {
     let dir = model_dir("nofile", |_| {});
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     assert_has(&Llama::from_dir(&dir).unwrap_err().to_string(), &["model.safetensors.index.json"]);
+    // Two shards holding the same tensor: an error naming it, not a silent pick of one.
+    for shard in ["a.safetensors", "b.safetensors"] {
+        std::fs::copy(fixture("a/model/model.safetensors"), dir.join(shard)).unwrap();
+    }
+    let index = r#"{"weight_map": {"model.norm.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}"#;
+    std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    let e = Llama::from_dir(&dir).unwrap_err().to_string();
+    assert_has(&e, &["b.safetensors: tensor `model.", "appears in more than one shard"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -8,7 +8,7 @@
 //! ever one tensor at a time).
 
 use super::config::WeightDtype;
-use crate::quant::checkpoint::RawTensor;
+use crate::quant::checkpoint::{safetensors_shards, RawTensor};
 use crate::quant::Nf4Config;
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -83,27 +83,7 @@ pub struct TensorFiles {
 impl TensorFiles {
     /// Opens `dir/model.safetensors`, or the shards listed by `dir/model.safetensors.index.json`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        if single.exists() {
-            return Self::open(&[single]);
-        }
-        let index_path = dir.join("model.safetensors.index.json");
-        let text = std::fs::read_to_string(&index_path).map_err(|e| {
-            Error::format(
-                dir.display().to_string(),
-                format!("no model.safetensors nor a readable model.safetensors.index.json ({e})"),
-            )
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(index_path.display().to_string(), format!("invalid JSON: {e}")))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            Error::format(format!("{}: field `weight_map`", index_path.display()), "missing or not an object")
-        })?;
-        let mut shards: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
-        shards.sort();
-        shards.dedup();
-        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
-        Self::open(&paths)
+        Self::open(&safetensors_shards(dir)?)
     }
 
     /// Opens the given files (tensor names must be unique across them).
@@ -112,7 +92,14 @@ impl TensorFiles {
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
             let f = TensorFile::open(p)?;
-            index.extend(f.tensors.keys().map(|name| (name.clone(), i)));
+            for name in f.tensors.keys() {
+                if index.insert(name.clone(), i).is_some() {
+                    return Err(Error::format(
+                        format!("{}: tensor `{name}`", p.display()),
+                        "appears in more than one shard",
+                    ));
+                }
+            }
             files.push(f);
         }
         Ok(TensorFiles { files, index, quantize: None })

@@ -334,24 +334,28 @@ pub struct Nf4Checkpoint {
     pub dense: BTreeMap<String, RawTensor>,
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(index.display().to_string(), e.to_string()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::format(index.display().to_string(), "no \"weight_map\" object"))?;
-        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
-    }
+/// The safetensors files of a Hugging Face model directory: `dir/model.safetensors`, or the
+/// shards listed by `dir/model.safetensors.index.json` (sorted, each once). Errors name the
+/// directory, or the index file and its field.
+pub(crate) fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.exists() {
         return Ok(vec![single]);
     }
-    Err(Error::format(dir.display().to_string(), "no model.safetensors or model.safetensors.index.json"))
+    let index_path = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path).map_err(|e| {
+        Error::format(
+            dir.display().to_string(),
+            format!("no model.safetensors nor a readable model.safetensors.index.json ({e})"),
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index_path.display().to_string(), format!("invalid JSON: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        Error::format(format!("{}: field `weight_map`", index_path.display()), "missing or not an object")
+    })?;
+    let shards: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    Ok(shards.into_iter().map(|f| dir.join(f)).collect())
 }
 
 fn quantize_raw(v: &TensorView<'_>, name: &str, cfg: Nf4Config) -> Result<Nf4Tensor> {
@@ -376,7 +380,7 @@ fn quantize_raw(v: &TensorView<'_>, name: &str, cfg: Nf4Config) -> Result<Nf4Ten
 pub fn load_nf4_checkpoint(dir: &Path, on_load: &QuantizeOnLoad) -> Result<Nf4Checkpoint> {
     let config_path = dir.join("config.json");
     let config = if config_path.exists() { BnbQuantConfig::from_config_json(&config_path)? } else { None };
-    let files = safetensors_files(dir)?;
+    let files = safetensors_shards(dir)?;
     let buffers: Vec<Vec<u8>> =
         files.iter().map(|f| std::fs::read(f).map_err(|e| Error::io(f, e))).collect::<Result<_>>()?;
     let parsed: Vec<SafeTensors<'_>> = buffers
