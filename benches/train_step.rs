@@ -6,7 +6,7 @@
 //! PEFT) run on the same machine:
 //!
 //! ```text
-//! cargo bench --bench train_step            # LORAFUSE_CPU_GEMM=gemm to try the gemm crate
+//! cargo bench --bench train_step            # LORAFUSE_CPU_GEMM=matrixmultiply for the old GEMM
 //! .venv/bin/python scripts/bench_peft_step.py
 //! ```
 

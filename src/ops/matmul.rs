@@ -1,9 +1,10 @@
 //! CPU f32 GEMM for the reference backend: `C = α·op(A)·op(B) + β·C`, row-major.
 //!
-//! Two libraries are wired in and were measured on the training step's shapes (M = 1024 tokens,
-//! K/N ∈ {8, 128, 256, 688}); `matrixmultiply` is the default (see the issue-5 note for the
-//! numbers). `LORAFUSE_CPU_GEMM=gemm` selects the `gemm` crate instead, for comparison.
+//! On CPUs with AVX-512 it is our packed GEMM ([`super::sgemm`]: `B` packed once and shared by
+//! the threads); elsewhere, or with `LORAFUSE_CPU_GEMM=matrixmultiply` (for comparison), the
+//! `matrixmultiply` crate, one call per thread's block of rows.
 
+use super::sgemm::{self, Strided};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -18,23 +19,24 @@ pub enum Tr {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lib {
+    Packed,
     MatrixMultiply,
-    Gemm,
 }
 
 fn lib() -> Lib {
     static LIB: OnceLock<Lib> = OnceLock::new();
     *LIB.get_or_init(|| match std::env::var("LORAFUSE_CPU_GEMM").as_deref() {
-        Ok("gemm") => Lib::Gemm,
+        Ok("matrixmultiply") => Lib::MatrixMultiply,
+        _ if sgemm::available() => Lib::Packed,
         _ => Lib::MatrixMultiply,
     })
 }
 
-/// Name of the GEMM library in use (for benchmark reports).
+/// Name of the GEMM in use (for benchmark reports).
 pub fn library_name() -> &'static str {
     match lib() {
+        Lib::Packed => "lorafuse packed AVX-512",
         Lib::MatrixMultiply => "matrixmultiply",
-        Lib::Gemm => "gemm",
     }
 }
 
@@ -121,72 +123,66 @@ unsafe fn gemm_raw(
         Tr::T => (1, k as isize),
     };
     // Threads only pay off above ~1 MFLOP.
-    let par = parallel && m * n * k >= 1 << 18;
+    let threads = if parallel && m * n * k >= 1 << 18 { rayon::current_num_threads().max(1) } else { 1 };
+    let (a, b) = (Strided { ptr: a.as_ptr(), rs: ars, cs: acs }, Strided { ptr: b.as_ptr(), rs: brs, cs: bcs });
     match lib() {
-        Lib::MatrixMultiply => {
-            // matrixmultiply runs single-threaded here; threads come from rayon (one pool for
-            // every op), each computing a block of rows (or of columns when C is short and wide).
-            let threads = if par { rayon::current_num_threads().max(1) } else { 1 };
-            let (ap, bp, cp) = (a.as_ptr() as usize, b.as_ptr() as usize, c as usize);
-            let block = |i0: usize, i1: usize, j0: usize, j1: usize| {
-                // SAFETY: the slices hold the dense matrices described by the strides (asserted
-                // above); blocks write disjoint parts of C.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        i1 - i0,
-                        k,
-                        j1 - j0,
-                        alpha,
-                        (ap as *const f32).offset(i0 as isize * ars),
-                        ars,
-                        acs,
-                        (bp as *const f32).offset(j0 as isize * bcs),
-                        brs,
-                        bcs,
-                        beta,
-                        (cp as *mut f32).add(i0 * n + j0),
-                        n as isize,
-                        1,
-                    )
-                }
-            };
-            if threads == 1 {
-                block(0, m, 0, n);
-            } else if m >= n {
-                let step = m.div_ceil(threads).next_multiple_of(16);
-                (0..m.div_ceil(step)).into_par_iter().for_each(|t| block(t * step, ((t + 1) * step).min(m), 0, n));
-            } else {
-                let step = n.div_ceil(threads).next_multiple_of(16);
-                (0..n.div_ceil(step)).into_par_iter().for_each(|t| block(0, m, t * step, ((t + 1) * step).min(n)));
-            }
+        // SAFETY: the operands hold their matrices (callers assert it); `lib()` chose Packed only
+        // where sgemm::available().
+        Lib::Packed => sgemm::sgemm(m, n, k, alpha, a, b, beta, c, n, threads),
+        // SAFETY: as above.
+        Lib::MatrixMultiply => with_matrixmultiply(m, n, k, alpha, a, b, beta, c, threads),
+    }
+}
+
+/// The same product through `matrixmultiply`, which runs single-threaded here: threads come from
+/// rayon (one pool for every op), each computing a block of rows (or of columns when C is short
+/// and wide).
+///
+/// # Safety
+/// As [`sgemm::sgemm`] (without the AVX-512 requirement), with `C` dense (`ldc = n`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn with_matrixmultiply(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    c: *mut f32,
+    threads: usize,
+) {
+    let (ap, bp, cp) = (a.ptr as usize, b.ptr as usize, c as usize);
+    let block = |i0: usize, i1: usize, j0: usize, j1: usize| {
+        // SAFETY: the operands hold the matrices described by the strides; blocks write
+        // disjoint parts of C.
+        unsafe {
+            matrixmultiply::sgemm(
+                i1 - i0,
+                k,
+                j1 - j0,
+                alpha,
+                (ap as *const f32).offset(i0 as isize * a.rs),
+                a.rs,
+                a.cs,
+                (bp as *const f32).offset(j0 as isize * b.cs),
+                b.rs,
+                b.cs,
+                beta,
+                (cp as *mut f32).add(i0 * n + j0),
+                n as isize,
+                1,
+            )
         }
-        Lib::Gemm => {
-            let parallelism = if par { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-            // SAFETY: as above. gemm computes dst = α_dst·dst + β_dst·lhs·rhs.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c,
-                    1,
-                    n as isize,
-                    beta != 0.0,
-                    a.as_ptr(),
-                    acs,
-                    ars,
-                    b.as_ptr(),
-                    bcs,
-                    brs,
-                    beta,
-                    alpha,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                )
-            }
-        }
+    };
+    if threads == 1 {
+        block(0, m, 0, n);
+    } else if m >= n {
+        let step = m.div_ceil(threads).next_multiple_of(16);
+        (0..m.div_ceil(step)).into_par_iter().for_each(|t| block(t * step, ((t + 1) * step).min(m), 0, n));
+    } else {
+        let step = n.div_ceil(threads).next_multiple_of(16);
+        (0..n.div_ceil(step)).into_par_iter().for_each(|t| block(0, m, t * step, ((t + 1) * step).min(n)));
     }
 }
 
@@ -324,6 +320,24 @@ mod tests {
                 let err = rel_err(&c, &want);
                 assert!(err < 1e-6, "m{m} n{n} k{kk} transposed {p_transposed}: {err:e}");
             }
+        }
+    }
+
+    #[test]
+    fn matrixmultiply_fallback_matches_f64() {
+        // The path CPUs without AVX-512 take (this machine takes the packed one by default).
+        let mut rng = TestRng::new(5);
+        for (m, n, k, threads) in [(37, 70, 129, 1), (70, 37, 129, 2), (200, 9, 31, 2)] {
+            let (ad, bd) = (rng.vec_f32(m * k), rng.vec_f32(k * n));
+            let a = Strided { ptr: ad.as_ptr(), rs: k as isize, cs: 1 };
+            let b = Strided { ptr: bd.as_ptr(), rs: 1, cs: k as isize };
+            let mut c = vec![f32::NAN; m * n];
+            // SAFETY: the buffers hold A [m,k], Bᵀ [n,k] and C [m,n].
+            unsafe { with_matrixmultiply(m, n, k, 1.0, a, b, 0.0, c.as_mut_ptr(), threads) };
+            let want: Vec<f64> =
+                (0..m * n).map(|e| (0..k).map(|p| ad[e / n * k + p] as f64 * bd[e % n * k + p] as f64).sum()).collect();
+            let err = rel_err(&c, &want);
+            assert!(err < 1e-6, "m{m} n{n} k{k}: {err:e}");
         }
     }
 

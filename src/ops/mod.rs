@@ -8,7 +8,8 @@
 //! CPU (f32, rayon) ops of the Llama decoder, each a forward and a manual backward that the
 //! autograd tape records: [`lora`] (the LoRA linear, dropout from [`philox`]), [`norm`]
 //! (RMSNorm), [`rope`], [`attention`] (causal GQA), [`activation`] (SwiGLU), [`loss`]
-//! (causal-LM cross-entropy), [`embedding`]; [`matmul`] is the CPU GEMM they share and
+//! (causal-LM cross-entropy), [`embedding`]; [`matmul`] is the CPU GEMM they share ([`sgemm`] its
+//! packed AVX-512 kernel) and
 //! [`simd`] the run-time vector dispatch of their elementwise loops.
 
 pub mod activation;
@@ -28,4 +29,5 @@ pub mod philox;
 pub mod qlora;
 pub mod report;
 pub mod rope;
+pub mod sgemm;
 pub mod simd;
