@@ -9,6 +9,7 @@ use super::{Tape, Var};
 use crate::ops::attention::{attention_backward, attention_forward, AttnShape};
 use crate::ops::lora::{self, LinearShape, LoraOpConfig};
 use crate::ops::rope::{self, RopeTable};
+use crate::ops::simd::{par_add, par_copy};
 use crate::ops::{activation, loss, norm};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -32,9 +33,9 @@ pub fn add(tape: &Tape, a: &Var, b: &Var) -> Result<Var> {
     if a.shape() != b.shape() {
         return Err(Error::shape("add", format!("{:?} + {:?}", a.shape(), b.shape())));
     }
-    let y = a.data().iter().zip(b.data()).map(|(x, y)| x + y).collect();
+    let y = par_add(a.data(), b.data());
     let (ga, gb) = (a.requires_grad(), b.requires_grad());
-    tape.record(y, a.shape(), &[a, b], || Box::new(move |g| Ok(vec![ga.then(|| g.to_vec()), gb.then(|| g.to_vec())])))
+    tape.record(y, a.shape(), &[a, b], || Box::new(move |g| Ok(vec![ga.then(|| par_copy(g)), gb.then(|| par_copy(g))])))
 }
 
 /// A frozen weight `W [n, k]` as the linear ops read it: dense f32 values, borrowed where the

@@ -194,6 +194,6 @@ fn accumulate(acc: &mut Vec<f32>, g: Vec<f32>) {
     if acc.is_empty() {
         *acc = g;
     } else {
-        acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        crate::ops::simd::par_add_assign(acc, &g);
     }
 }

@@ -5,7 +5,7 @@
 use crate::{Error, Result};
 use rayon::prelude::*;
 
-use super::simd::exp;
+use super::simd::{exp, par_zeros};
 
 /// Elements per parallel task.
 const GRAIN: usize = 4096;
@@ -36,7 +36,7 @@ pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Result<Vec<f32>> {
     if g.len() != u.len() {
         return Err(Error::shape("swiglu", format!("gate has {} elements, up {}", g.len(), u.len())));
     }
-    let mut h = vec![0.0; g.len()];
+    let mut h = par_zeros(g.len());
     h.par_chunks_mut(GRAIN)
         .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
         .for_each(|(h, (g, u))| swiglu_rows(g, u, h));
@@ -45,7 +45,7 @@ pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Result<Vec<f32>> {
 
 /// `(dg, du)` from `dh` and the saved `g`, `u`.
 pub fn swiglu_backward(dh: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+    let (mut dg, mut du) = (par_zeros(g.len()), par_zeros(g.len()));
     dg.par_chunks_mut(GRAIN)
         .zip(du.par_chunks_mut(GRAIN))
         .zip(dh.par_chunks(GRAIN).zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN))))

@@ -11,7 +11,7 @@
 //! Queries are processed in blocks of 32 rows, each against only the keys it can see.
 
 use super::matmul::{gemm, gemm_new, Tr};
-use super::simd::{exp, with_simd};
+use super::simd::{exp, par_zeros, with_simd};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -134,7 +134,7 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Resu
             (o, lse)
         })
         .collect();
-    let mut out = vec![0.0; q.len()];
+    let mut out = par_zeros(q.len());
     let mut lse = Vec::with_capacity(sh.batch * h * sh.tq);
     for (bh, (o, l)) in parts.into_iter().enumerate() {
         scatter_add(&mut out, &o, bh / h, sh.tq, h, bh % h, d);
@@ -180,7 +180,7 @@ pub fn attention_backward(
             [dq, dk, dv]
         })
         .collect();
-    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    let (mut dq, mut dk, mut dv) = (par_zeros(q.len()), par_zeros(k.len()), par_zeros(v.len()));
     for (bh, [gq, gk, gv]) in parts.into_iter().enumerate() {
         let (b, hh) = (bh / h, bh % h);
         scatter_add(&mut dq, &gq, b, tq, h, hh, d);

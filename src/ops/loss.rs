@@ -9,7 +9,7 @@
 //! The gradient is computed in the same pass (it is all backward needs), so the op saves
 //! `dlogits` instead of the logits.
 
-use super::simd::exp;
+use super::simd::{exp, par_zeros};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -51,7 +51,7 @@ pub fn causal_lm_loss(logits: &[f32], labels: &[i64], seq: usize, vocab: usize) 
     }
     let count = (0..labels.len()).filter(|&r| target(r) != IGNORE_INDEX).count();
     let inv = if count == 0 { 0.0 } else { 1.0 / count as f32 };
-    let mut grad = vec![0.0; logits.len()];
+    let mut grad = par_zeros(logits.len());
     let total: f64 = grad
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))

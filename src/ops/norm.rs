@@ -8,6 +8,7 @@
 //! by the weight; on the f32 path the casts are no-ops. The weight is frozen under LoRA, so
 //! backward returns `dx` only.
 
+use super::simd::par_zeros;
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -59,7 +60,7 @@ pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Result<(Vec<f32>, Vec
     if k == 0 || !x.len().is_multiple_of(k) {
         return Err(Error::shape("rms_norm", format!("input of {} elements is not rows of {k}", x.len())));
     }
-    let (mut y, mut rstd) = (vec![0.0; x.len()], vec![0.0; x.len() / k]);
+    let (mut y, mut rstd) = (par_zeros(x.len()), vec![0.0; x.len() / k]);
     y.par_chunks_mut(ROWS * k)
         .zip(rstd.par_chunks_mut(ROWS))
         .zip(x.par_chunks(ROWS * k))
@@ -70,7 +71,7 @@ pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Result<(Vec<f32>, Vec
 /// Backward: `dx` from `dy`, the input `x`, the weight and the saved `rstd`.
 pub fn rms_norm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32]) -> Vec<f32> {
     let k = w.len();
-    let mut dx = vec![0.0; x.len()];
+    let mut dx = par_zeros(x.len());
     dx.par_chunks_mut(ROWS * k)
         .zip(x.par_chunks(ROWS * k))
         .zip(dy.par_chunks(ROWS * k).zip(rstd.par_chunks(ROWS)))
