@@ -12,7 +12,7 @@
 //! only; its mask is a pure function of `(seed, offset, element index of x)`
 //! ([`super::philox`]), so the CUDA kernels reproduce it bit for bit.
 
-use super::matmul::{gemm, gemm_new, skinny_gemm, Tr, View};
+use super::matmul::{gemm, gemm_new, gemm_new_plus_low_rank, skinny_gemm, Tr, View};
 use super::philox::DropoutMask;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -159,27 +159,12 @@ fn rm(d: &[f32], cols: usize) -> View<'_> {
 }
 
 crate::simd_fn! {
-    /// Rank-`r` forward of one chunk of rows (dims = `(k, n, r)`): `S = xd·Aᵀ` into `s [rows, r]`,
-    /// `y = sc·S·Bᵀ` into `y [rows, n]` (every element written); `xd` is the chunk's `drop(x)`,
-    /// `at = Aᵀ`, `bt = Bᵀ`.
-    fn forward_chunk(
-        xd: &[f32],
-        dims: (usize, usize, usize),
-        at: &[f32],
-        bt: &[f32],
-        sc: f32,
-        y: &mut [MaybeUninit<f32>],
-        s: &mut [f32],
-    ) {
-        let (k, n, r) = dims;
+    /// `S = xd·Aᵀ` for one chunk of rows into `s [rows, r]`; `xd` is the chunk's `drop(x)`
+    /// `[rows, k]`, `at = Aᵀ [k, r]`.
+    fn down_chunk(xd: &[f32], k: usize, at: &[f32], s: &mut [f32]) {
+        let r = at.len() / k;
         let rows = s.len() / r;
         skinny_gemm(rows, r, k, rm(xd, k), rm(at, r), &mut |i, j0, v| s[i * r + j0..][..v.len()].copy_from_slice(v));
-        let s = &*s;
-        skinny_gemm(rows, n, r, rm(s, r), rm(bt, n), &mut |i, j0, v| {
-            y[i * n + j0..][..v.len()].iter_mut().zip(v).for_each(|(y, v)| {
-                y.write(sc * v);
-            })
-        });
     }
 }
 
@@ -187,7 +172,7 @@ crate::simd_fn! {
     /// Rank-`r` backward of one chunk of rows (dims = `(k, n, r)`): `dS = sc·dy·B` into `ds`,
     /// `dBᵀ = sc·Sᵀ·dy` into `dbt [r, n]`, `dA = dSᵀ·xd` into `da [r, k]` (this chunk's parts),
     /// and `dx = drop'(dS·A)` (every element written) when `dx` is given, by `words` (the chunk's
-    /// Philox words, unused when `mask` is the identity).
+    /// Philox words; `dx` is given only when `mask` drops something).
     fn backward_chunk(
         dy: &[f32],
         xd: &[f32],
@@ -216,31 +201,23 @@ crate::simd_fn! {
         let (ds, dst) = (&*ds, View { d: ds, rs: 1, cs: r });
         skinny_gemm(r, k, rows, dst, rm(xd, k), &mut |q, j0, v| da[q * k + j0..][..v.len()].copy_from_slice(v));
         let Some(dx) = dx else { return };
-        if mask.is_identity() {
-            skinny_gemm(rows, k, r, rm(ds, r), rm(a, k), &mut |i, j0, v| {
-                dx[i * k + j0..][..v.len()].iter_mut().zip(v).for_each(|(d, &v)| {
-                    d.write(v);
-                })
-            });
-        } else {
-            let (th, scl) = (mask.threshold, mask.scale);
-            skinny_gemm(rows, k, r, rm(ds, r), rm(a, k), &mut |i, j0, v| {
-                let o = i * k + j0;
-                let it = dx[o..][..v.len()].iter_mut().zip(v.iter().zip(&words[o..][..v.len()]));
-                it.for_each(|(d, (&v, &w))| {
-                    d.write(if w >= th { v * scl } else { 0.0 });
-                })
-            });
-        }
+        let (th, scl) = (mask.threshold, mask.scale);
+        skinny_gemm(rows, k, r, rm(ds, r), rm(a, k), &mut |i, j0, v| {
+            let o = i * k + j0;
+            let it = dx[o..][..v.len()].iter_mut().zip(v.iter().zip(&words[o..][..v.len()]));
+            it.for_each(|(d, (&v, &w))| {
+                d.write(if w >= th { v * scl } else { 0.0 });
+            })
+        });
     }
 }
 
 /// LoRA forward (see the module docs). `offset` selects this call's dropout mask;
 /// `train = false` disables dropout.
 ///
-/// The base `x·W0ᵀ` is one parallel GEMM; the rank-`r` branch then runs per chunk of rows
-/// (dropout mask, `S_c = drop(x_c)·Aᵀ`, `y_c += s·S_c·Bᵀ`) as small single-threaded GEMMs,
-/// while the chunk's `y` and dropped `x` are in cache.
+/// `S_c = drop(x_c)·Aᵀ` runs per chunk of rows while the chunk's dropped `x` is in cache (the
+/// mask never leaves the chunk); then one parallel GEMM computes `y = [x | S]·[W0 | s·B]ᵀ`,
+/// the rank-`r` term summed into the base product's tiles before they are stored.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward(
     x: &[f32],
@@ -265,36 +242,29 @@ pub fn lora_forward(
         return Ok(LoraForward { y: linear(x, w0, bias, sh)?, s });
     }
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
-    let (at, bt) = (transpose(a, r, k), transpose(b, n, r));
-    // The rank-r term first, then the base GEMM adds onto it (beta = 1): y is written once by
-    // the chunk pass and read once inside the GEMM's own store, instead of a second
-    // read-modify-write pass over y after the GEMM.
-    let mut y = Vec::with_capacity(m * n);
-    let y_uninit = &mut y.spare_capacity_mut()[..m * n];
-    y_uninit.par_chunks_mut(CHUNK_ROWS * n).zip(s.par_chunks_mut(CHUNK_ROWS * r)).enumerate().for_each(
-        |(c, (yc, sr))| {
-            let (row0, rows) = (c * CHUNK_ROWS, yc.len() / n);
-            let nw = words_len.min(rows * k);
-            with_scratch(nw, |xd, words| {
-                let xd = dropped(&mask, row0 * k, &x[row0 * k..(row0 + rows) * k], xd, words);
-                forward_chunk(xd, (k, n, r), &at, &bt, sc, yc, sr);
-            })
-        },
-    );
-    // SAFETY: skinny_gemm hands every (row, column) of each chunk to the store closure, which
-    // writes it, and the chunks tile all m·n elements.
-    unsafe { y.set_len(m * n) };
-    gemm(m, n, k, 1.0, x, Tr::N, w0, Tr::T, 1.0, &mut y, true);
+    let at = transpose(a, r, k);
+    // S per chunk of rows while the chunk's dropped x is in cache, then the base GEMM with the
+    // rank-r term as a K-extension: y = [x | S]·[W0 | s·B]ᵀ, one pass over y.
+    s.par_chunks_mut(CHUNK_ROWS * r).enumerate().for_each(|(c, sr)| {
+        let (row0, rows) = (c * CHUNK_ROWS, sr.len() / r);
+        with_scratch(words_len.min(rows * k), |xd, words| {
+            let xd = dropped(&mask, row0 * k, &x[row0 * k..(row0 + rows) * k], xd, words);
+            down_chunk(xd, k, &at, sr);
+        })
+    });
+    let bt_scaled: Vec<f32> = transpose(b, n, r).iter().map(|v| sc * v).collect();
+    let mut y = gemm_new_plus_low_rank(m, n, k, 1.0, (x, Tr::N), (w0, Tr::T), Some((&s, &bt_scaled, r)), true);
     add_bias(&mut y, bias, n)?;
     Ok(LoraForward { y, s })
 }
 
 /// LoRA backward (see the module docs): `dx` only when `need_dx`.
 ///
-/// `dx = dy·W0` is one parallel GEMM; the rest runs per chunk of rows as small GEMMs:
-/// `dS_c = s·dy_c·B`, `dB += s·dy_cᵀ·S_c`, the mask regenerated once for
-/// `dA += dS_cᵀ·drop(x_c)` and `dx_c += drop'(dS_c·A)`. Each chunk's `dA`, `dB` partials are
-/// summed in chunk order, so the result does not depend on the thread count.
+/// Per chunk of rows, as small GEMMs: `dS_c = s·dy_c·B`, `dBᵀ += s·S_cᵀ·dy_c`, the mask
+/// regenerated once for `dA += dS_cᵀ·drop(x_c)` and, with dropout, `dx_c = drop'(dS_c·A)`.
+/// Then `dx` is one parallel GEMM: `dy·W0` added onto the masked term, or without dropout
+/// `[dy | dS]·[W0; A]` in one pass. Each chunk's `dA`, `dB` partials are summed in chunk
+/// order, so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     dy: &[f32],
@@ -325,34 +295,40 @@ pub fn lora_backward(
             db: Vec::new(),
         });
     }
-    // As in forward: the chunk pass writes dx = drop'(dS·A), then the dx GEMM adds dy·W0 onto it.
-    let mut dx: Option<Vec<f32>> = need_dx.then(|| Vec::with_capacity(m * k));
+    // Without dropout, dx = [dy | dS]·[W0; A] is one GEMM with a K-extension after the chunk
+    // pass has made dS. With dropout the dS·A term is masked, so the chunk pass writes
+    // drop'(dS·A) into dx and the dx GEMM adds dy·W0 onto it (beta = 1).
+    let masked_dx = need_dx && !mask.is_identity();
+    let mut dx: Option<Vec<f32>> = masked_dx.then(|| Vec::with_capacity(m * k));
+    let mut ds = vec![0.0; m * r];
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
     // One task per chunk of rows; each returns its partial dA [r,k] and dBᵀ [r,n].
-    let chunk = |row0: usize, dxc: Option<&mut [MaybeUninit<f32>]>| -> (Vec<f32>, Vec<f32>) {
+    let chunk = |row0: usize, dsc: &mut [f32], dxc: Option<&mut [MaybeUninit<f32>]>| -> (Vec<f32>, Vec<f32>) {
         let rows = (m - row0).min(CHUNK_ROWS);
         let rng = |w: usize| row0 * w..(row0 + rows) * w;
         let (dyc, xc, sc_rows) = (&dy[rng(n)], &x[rng(k)], &s[rng(r)]);
-        let (mut da, mut dbt, mut ds) = (vec![0.0; r * k], vec![0.0; r * n], vec![0.0; rows * r]);
+        let (mut da, mut dbt) = (vec![0.0; r * k], vec![0.0; r * n]);
         let nw = words_len.min(rows * k);
         with_scratch(nw, |xd, words| {
             let xd = dropped(&mask, row0 * k, xc, xd, words);
-            backward_chunk(dyc, xd, sc_rows, (k, n, r), a, b, &mask, words, sc, &mut ds, dxc, &mut da, &mut dbt);
+            backward_chunk(dyc, xd, sc_rows, (k, n, r), a, b, &mask, words, sc, dsc, dxc, &mut da, &mut dbt);
         });
         (da, dbt)
     };
+    let ds_chunks = ds.par_chunks_mut(CHUNK_ROWS * r).enumerate();
     let parts: Vec<(Vec<f32>, Vec<f32>)> = match dx.as_mut() {
-        Some(dx) => dx.spare_capacity_mut()[..m * k]
-            .par_chunks_mut(CHUNK_ROWS * k)
-            .enumerate()
-            .map(|(c, dxc)| chunk(c * CHUNK_ROWS, Some(dxc)))
+        Some(dx) => ds_chunks
+            .zip(dx.spare_capacity_mut()[..m * k].par_chunks_mut(CHUNK_ROWS * k))
+            .map(|((c, dsc), dxc)| chunk(c * CHUNK_ROWS, dsc, Some(dxc)))
             .collect(),
-        None => (0..m.div_ceil(CHUNK_ROWS)).into_par_iter().map(|c| chunk(c * CHUNK_ROWS, None)).collect(),
+        None => ds_chunks.map(|(c, dsc)| chunk(c * CHUNK_ROWS, dsc, None)).collect(),
     };
     if let Some(dx) = dx.as_mut() {
-        // SAFETY: as in lora_forward, the chunk pass wrote all m·k elements.
+        // SAFETY: the chunk pass wrote all m·k elements.
         unsafe { dx.set_len(m * k) };
         gemm(m, k, n, 1.0, dy, Tr::N, w0, Tr::N, 1.0, dx, true);
+    } else if need_dx {
+        dx = Some(gemm_new_plus_low_rank(m, k, n, 1.0, (dy, Tr::N), (w0, Tr::N), Some((&ds, a, r)), true));
     }
     let mut parts = parts.into_iter();
     let (mut da, mut dbt) = parts.next().unwrap_or_else(|| (vec![0.0; r * k], vec![0.0; r * n]));

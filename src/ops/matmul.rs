@@ -1,10 +1,10 @@
 //! CPU f32 GEMM for the reference backend: `C = α·op(A)·op(B) + β·C`, row-major.
 //!
-//! On CPUs with AVX-512 it is our packed GEMM ([`super::sgemm`]: `B` packed once and shared by
-//! the threads); elsewhere, or with `LORAFUSE_CPU_GEMM=matrixmultiply` (for comparison), the
-//! `matrixmultiply` crate, one call per thread's block of rows.
+//! On CPUs with AVX-512 it is our packed GEMM ([`super::sgemm`], which can also sum a rank-`r`
+//! product into the same pass); elsewhere, or with `LORAFUSE_CPU_GEMM=matrixmultiply` (for
+//! comparison), the `matrixmultiply` crate, one call per thread's block of rows.
 
-use super::sgemm::{self, Strided};
+use super::sgemm::{self, Extension, Strided};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -62,7 +62,7 @@ pub fn gemm(
 ) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand too short");
     // SAFETY: the operands hold the matrices (asserted above).
-    unsafe { gemm_raw(m, n, k, alpha, a, ta, b, tb, beta, c.as_mut_ptr(), parallel) }
+    unsafe { gemm_raw(m, n, k, alpha, a, ta, b, tb, beta, c.as_mut_ptr(), None, parallel) }
 }
 
 /// `op(A)·op(B)·alpha` into a new `[m, n]` vector (no zero-fill pass: C is written, never read).
@@ -78,19 +78,43 @@ pub fn gemm_new(
     tb: Tr,
     parallel: bool,
 ) -> Vec<f32> {
+    gemm_new_plus_low_rank(m, n, k, alpha, (a, ta), (b, tb), None, parallel)
+}
+
+/// A rank-`r` product summed into a GEMM: `P [m, r]`, `Q [r, n]`, both row-major.
+pub type LowRank<'a> = (&'a [f32], &'a [f32], usize);
+
+/// `alpha·(op(A)·op(B) + P·Q)` into a new `[m, n]` vector, the optional rank-`r` term `P·Q`
+/// summed in the same pass over `C` (with AVX-512 on the accumulators, before they are stored):
+/// the LoRA linear's `x·W0ᵀ + (s·S)·Bᵀ` and `dy·W0 + dS·A` as one GEMM each.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_new_plus_low_rank(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    (a, ta): (&[f32], Tr),
+    (b, tb): (&[f32], Tr),
+    low_rank: Option<LowRank>,
+    parallel: bool,
+) -> Vec<f32> {
     assert!(a.len() >= m * k && b.len() >= k * n, "gemm: operand too short");
+    if let Some((p, q, r)) = low_rank {
+        assert!(p.len() >= m * r && q.len() >= r * n, "gemm: low-rank operand too short");
+    }
     let mut c = Vec::with_capacity(m * n);
     // SAFETY: with beta = 0 both libraries write every element of C without reading it, so the
     // length is set only after all m·n elements are initialized.
     unsafe {
-        gemm_raw(m, n, k, alpha, a, ta, b, tb, 0.0, c.as_mut_ptr(), parallel);
+        gemm_raw(m, n, k, alpha, a, ta, b, tb, 0.0, c.as_mut_ptr(), low_rank, parallel);
         c.set_len(m * n);
     }
     c
 }
 
 /// # Safety
-/// `c` must be valid for `m·n` writes (and reads when `beta ≠ 0`); `a`, `b` hold their matrices.
+/// `c` must be valid for `m·n` writes (and reads when `beta ≠ 0`); `a`, `b` and the low-rank
+/// operands hold their matrices.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(
     m: usize,
@@ -103,14 +127,19 @@ unsafe fn gemm_raw(
     tb: Tr,
     beta: f32,
     c: *mut f32,
+    low_rank: Option<LowRank>,
     parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    let low_rank = low_rank.filter(|&(_, _, r)| r > 0);
     if k == 0 {
         for i in 0..m * n {
             *c.add(i) = if beta == 0.0 { 0.0 } else { *c.add(i) * beta };
+        }
+        if let Some((p, q, r)) = low_rank {
+            gemm_raw(m, n, r, alpha, p, Tr::N, q, Tr::N, 1.0, c, None, parallel);
         }
         return;
     }
@@ -125,12 +154,21 @@ unsafe fn gemm_raw(
     // Threads only pay off above ~1 MFLOP.
     let threads = if parallel && m * n * k >= 1 << 18 { rayon::current_num_threads().max(1) } else { 1 };
     let (a, b) = (Strided { ptr: a.as_ptr(), rs: ars, cs: acs }, Strided { ptr: b.as_ptr(), rs: brs, cs: bcs });
+    let rm = |d: &[f32], cols: usize| Strided { ptr: d.as_ptr(), rs: cols as isize, cs: 1 };
     match lib() {
         // SAFETY: the operands hold their matrices (callers assert it); `lib()` chose Packed only
         // where sgemm::available().
-        Lib::Packed => sgemm::sgemm(m, n, k, alpha, a, b, beta, c, n, threads),
+        Lib::Packed => {
+            let ext = low_rank.map(|(p, q, r)| Extension { p: rm(p, r), q: rm(q, n), k: r });
+            sgemm::sgemm(m, n, k, alpha, a, b, beta, c, n, ext, threads)
+        }
         // SAFETY: as above.
-        Lib::MatrixMultiply => with_matrixmultiply(m, n, k, alpha, a, b, beta, c, threads),
+        Lib::MatrixMultiply => {
+            with_matrixmultiply(m, n, k, alpha, a, b, beta, c, threads);
+            if let Some((p, q, r)) = low_rank {
+                with_matrixmultiply(m, n, r, alpha, rm(p, r), rm(q, n), 1.0, c, threads);
+            }
+        }
     }
 }
 

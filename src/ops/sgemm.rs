@@ -1,19 +1,20 @@
 //! Packed f32 GEMM with an AVX-512 micro-kernel: the CPU backend's default GEMM where the CPU
 //! has AVX-512 ([`crate::ops::matmul`] falls back to `matrixmultiply` elsewhere).
 //!
-//! `C[m,n] = α·A[m,k]·B[k,n] + β·C`, operands at any strides, in BLIS's loop order:
-//! for each `NC`-column panel and `KC`-deep slice, `B[KC, NC]` is packed once into `NR`-wide
-//! strips **shared by all threads**, then each thread takes `MC`-row blocks of `A` and runs the
-//! `MR × NR` micro-kernel over them. `matrixmultiply`, called once per thread's rows, packs all of
-//! `B` in every thread. Row-major `A` is packed with 16 × 16 register transposes, or read in
-//! place when `C` is narrow (see `direct_a`).
+//! `C[m,n] = α·(A[m,k]·B[k,n] + P[m,r]·Q[r,n]) + β·C`, operands at any strides, the rank-`r`
+//! term optional ([`Extension`]). BLIS's loop order inside each thread's block of `C`: per
+//! `NC` columns and `KC`-deep slice, `B` is packed into `NR`-wide strips, then per `MC` rows of
+//! `A` (packed with 16 × 16 register transposes, or read in place when `C` is narrow) the
+//! `MR × NR` micro-kernel runs over every strip and row tile. Threads split the columns (or the
+//! rows, when that packs less) and never wait for each other inside a call.
 //!
 //! Micro-kernel: a 12 × 32 tile of `C` in 24 `zmm` accumulators; each step of `k` loads two
 //! vectors of the `B` strip and broadcasts 12 values of `A`: 24 FMAs per 14 loads, so the FMA
 //! ports, not the loads, set the pace (perf: the kernel alone runs at ~97% of the measured
-//! 175 GFLOP/s single-core FMA peak here). Work per call: `2·m·n·k` FLOPs; bytes: `A` and `B`
-//! read once per panel (plus packing writes of `B` and of packed `A`), `C` read (when `β ≠ 0`)
-//! and written once per `KC` slice.
+//! 175 GFLOP/s single-core FMA peak here). Work per call: `2·m·n·(k + r)` FLOPs. Bytes: `A`
+//! read once per `NC` columns of a thread's block, `B` once per thread that needs its columns,
+//! the packed copies written once each, `C` written once per `KC` slice (and read when
+//! `β ≠ 0` or after the first slice); `P·Q` adds `r` steps to the last slice, no pass over `C`.
 
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
@@ -27,7 +28,7 @@ const NR: usize = 32;
 const KC: usize = 256;
 /// Most rows in one packed `A` block (`MC × KC`, 192 KiB, in L2).
 const MC: usize = 192;
-/// Columns of one packed `B` panel (`KC × NC`, 1 MiB).
+/// Columns of `B` packed at a time (`KC × NC`, 1 MiB, in L2).
 const NC: usize = 1024;
 
 /// Whether this CPU runs the AVX-512 kernel.
@@ -59,10 +60,21 @@ impl Strided {
     }
 }
 
+/// A second product summed into the same tiles of `C`: `C = α·(A·B + P·Q) + β·C` with
+/// `P [m, k]` row-major (`cs = 1`) and `Q [k, n]`. Its `k` steps run after the last slice of
+/// `A·B` on the accumulators still in registers, so the sum costs no extra pass over `C`: the
+/// LoRA linear's `x·W0ᵀ + (s·S)·Bᵀ` as one GEMM over `[x | s·S]·[W0 | B]ᵀ`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extension {
+    pub p: Strided,
+    pub q: Strided,
+    pub k: usize,
+}
+
 /// Raw pointers shared by the worker threads; every thread writes a disjoint part of `C` and of
 /// the packed buffers.
 #[derive(Clone, Copy)]
-struct Shared(Strided, Strided, *mut f32);
+struct Shared(Strided, Strided, *mut f32, Option<Extension>);
 // SAFETY: see `Shared`: the operands are only read, and writes go to disjoint regions.
 unsafe impl Send for Shared {}
 // SAFETY: as above.
@@ -71,8 +83,8 @@ unsafe impl Sync for Shared {}
 impl Shared {
     /// Used in closures instead of destructuring, which would capture the bare (non-`Send`)
     /// pointers field by field.
-    fn get(&self) -> (Strided, Strided, *mut f32) {
-        (self.0, self.1, self.2)
+    fn get(&self) -> (Strided, Strided, *mut f32, Option<Extension>) {
+        (self.0, self.1, self.2, self.3)
     }
 }
 
@@ -105,8 +117,8 @@ fn with_buffer<R>(
     out
 }
 
-/// `C = α·A·B + β·C` (`A` is `m × k`, `B` is `k × n`, `C` row-major with row stride `ldc`),
-/// split over `threads` rayon tasks. `β = 0` never reads `C`. Requires [`available`] and
+/// `C = α·(A·B + P·Q) + β·C` (`A` is `m × k`, `B` is `k × n`, `C` row-major with row stride
+/// `ldc`, `P·Q` the optional [`Extension`]), split over `threads` rayon tasks. `β = 0` never reads `C`. Requires [`available`] and
 /// `k > 0` (the caller scales `C` by `β` itself when `k = 0`).
 ///
 /// # Safety
@@ -123,91 +135,133 @@ pub(crate) unsafe fn sgemm(
     beta: f32,
     c: *mut f32,
     ldc: usize,
+    ext: Option<Extension>,
     threads: usize,
 ) {
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let threads = threads.max(1);
-    // Row blocks: a multiple of the thread count, each at most MC rows. When there are too
-    // few rows to share, the threads split the column strips instead.
-    let row_blocks = if m >= threads * 2 * MR { m.div_ceil(MC).next_multiple_of(threads) } else { 1 };
-    let mc = m.div_ceil(row_blocks).next_multiple_of(MR);
-    let row_blocks = m.div_ceil(mc);
-    let col_parts = if row_blocks >= threads { 1 } else { threads };
+    if let Some(e) = ext {
+        assert!(e.p.cs == 1 || e.k == 0, "sgemm: the extension's P must be row-major");
+    }
     // Row-major A is read in place when C is narrow: packing costs ~0.5 cycle per element of A,
     // and each element feeds only n/32 kernel cycles (at n = 128, 12% of the GEMM). Measured
     // 7-15% faster at n ≤ 688, k ∈ {256, 688}; no gain at n = 1024, where wide row strides
     // would also alias in L1 (k = 1024: 12 rows 4 KiB apart).
     let direct_a = a.cs == 1 && n <= 768;
-    let shared = Shared(a, b, c);
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
-        let strips = nc.div_ceil(NR);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            let beta = if pc == 0 { beta } else { 1.0 };
-            with_buffer(&B_PACK, strips * NR * kc, |bpack| {
-                let pack = |(s, strip): (usize, &mut [f32])| {
-                    let (_, b, _) = shared.get();
-                    // SAFETY: rows pc..pc+kc and columns jc..jc+nc of B exist.
-                    unsafe {
-                        let b_at = Strided { ptr: b.ptr.offset(pc as isize * b.rs + jc as isize * b.cs), ..b };
-                        pack_b(kc, (nc - s * NR).min(NR), b_at, s * NR, strip)
-                    }
-                };
-                if threads > 1 && strips > 1 {
-                    bpack.par_chunks_mut(NR * kc).enumerate().for_each(pack);
-                } else {
-                    bpack.chunks_mut(NR * kc).enumerate().for_each(pack);
+    // One task per thread, each packing the operand parts it reads, so a call is one parallel
+    // region with no barrier (waking the other thread costs tens of µs on a VM, and a shared
+    // packed B needed two per KC slice). Tasks split the columns when that packs less: always
+    // with A read in place, else when B (packed by every row task) outweighs A.
+    let threads = threads.clamp(1, m.div_ceil(MR).max(n.div_ceil(NR)));
+    let strips = n.div_ceil(NR);
+    let split_cols = direct_a || n >= m;
+    let (row_tasks, col_tasks) = if split_cols { (1, threads.min(strips)) } else { (threads.min(m.div_ceil(MR)), 1) };
+    let rows_per = m.div_ceil(row_tasks).next_multiple_of(MR);
+    let shared = Shared(a, b, c, ext);
+    let task = |t: usize| {
+        let (a, b, c, ext) = shared.get();
+        let (rt, ct) = (t / col_tasks, t % col_tasks);
+        let (r0, r1) = ((rt * rows_per).min(m), ((rt + 1) * rows_per).min(m));
+        let (s0, s1) = (strips * ct / col_tasks, strips * (ct + 1) / col_tasks);
+        if r0 >= r1 || s0 >= s1 {
+            return;
+        }
+        // SAFETY: the task reads rows r0..r1 of A and P, columns of strips s0..s1 of B and Q, and
+        // writes only those rows and columns of C.
+        unsafe { sgemm_block(k, alpha, (a, b, ext), beta, (c, ldc), (r0, r1), (s0, s1, n), direct_a) };
+    };
+    if row_tasks * col_tasks > 1 {
+        (0..row_tasks * col_tasks).into_par_iter().for_each(task);
+    } else {
+        task(0);
+    }
+}
+
+/// Rows `r0..r1` and column strips `s0..s1` (of `n` columns) of `C`, on this thread: for each
+/// `KC` slice, the strips of `B` packed (with the extension's `Q` rows after the last slice),
+/// then per `MC`-row block of `A` (packed, or read in place when `direct_a`) the micro-kernel
+/// over every strip and row tile.
+///
+/// # Safety
+/// As [`sgemm`], for the given rows and strips.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_block(
+    k: usize,
+    alpha: f32,
+    operands: (Strided, Strided, Option<Extension>),
+    beta: f32,
+    c: (*mut f32, usize),
+    rows: (usize, usize),
+    (s0, s1, n): (usize, usize, usize),
+    direct_a: bool,
+) {
+    for g0 in (s0..s1).step_by(NC / NR) {
+        sgemm_panel(k, alpha, operands, beta, c, rows, (g0, s1.min(g0 + NC / NR), n), direct_a);
+    }
+}
+
+/// [`sgemm_block`] for at most `NC` columns.
+///
+/// # Safety
+/// As [`sgemm`], for the given rows and strips.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_panel(
+    k: usize,
+    alpha: f32,
+    (a, b, ext): (Strided, Strided, Option<Extension>),
+    beta: f32,
+    (c, ldc): (*mut f32, usize),
+    (r0, r1): (usize, usize),
+    (s0, s1, n): (usize, usize, usize),
+    direct_a: bool,
+) {
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        let beta = if pc == 0 { beta } else { 1.0 };
+        // The extension joins the last slice: its Q rows follow B's in each packed strip.
+        let k2 = ext.filter(|_| pc + kc == k).map_or(0, |e| e.k);
+        let depth = kc + k2;
+        with_buffer(&B_PACK, (s1 - s0) * NR * depth, |bpack| {
+            for (s, strip) in (s0..s1).zip(bpack.chunks_mut(NR * depth)) {
+                let cols = (n - s * NR).min(NR);
+                pack_b(kc, cols, Strided { ptr: b.ptr.offset(pc as isize * b.rs), ..b }, s * NR, &mut strip[..kc * NR]);
+                if let Some(e) = ext.filter(|_| k2 > 0) {
+                    pack_b(k2, cols, e.q, s * NR, &mut strip[kc * NR..]);
                 }
-                let bpack = &*bpack;
-                let task = |t: usize| {
-                    let (a, _, c) = shared.get();
-                    let (ib, part) = (t / col_parts, t % col_parts);
-                    let (i0, rows) = (ib * mc, mc.min(m - ib * mc));
-                    let (s0, s1) = (strips * part / col_parts, strips * (part + 1) / col_parts);
-                    // SAFETY: rows i0..i0+rows and columns pc..pc+kc of A exist; this task
-                    // owns rows i0.. of C in strips s0..s1.
-                    let a_at = unsafe { Strided { ptr: a.ptr.offset(i0 as isize * a.rs + pc as isize * a.cs), ..a } };
-                    let run = |strip: &dyn Fn(usize) -> *const f32, direct: bool| {
-                        for s in s0..s1 {
-                            let (j, cols) = (jc + s * NR, (nc - s * NR).min(NR));
-                            // SAFETY: as above; strip `s` of the packed B holds kc steps.
-                            unsafe {
-                                let bs = bpack.as_ptr().add(s * NR * kc);
-                                for (q, ir) in (0..rows).step_by(MR).enumerate() {
-                                    let cp = c.add((i0 + ir) * ldc + j);
-                                    let tile = (MR.min(rows - ir), cols);
-                                    if direct {
-                                        kernel::<true>(kc, strip(q), a.rs as usize, bs, cp, ldc, tile, alpha, beta);
-                                    } else {
-                                        kernel::<false>(kc, strip(q), MR, bs, cp, ldc, tile, alpha, beta);
-                                    }
-                                }
+            }
+            for i0 in (r0..r1).step_by(MC) {
+                let rows = MC.min(r1 - i0);
+                let a_at = Strided { ptr: a.ptr.offset(i0 as isize * a.rs + pc as isize * a.cs), ..a };
+                let run = |strip_a: &dyn Fn(usize) -> *const f32| {
+                    for s in s0..s1 {
+                        let (j, cols) = (s * NR, (n - s * NR).min(NR));
+                        let bs = bpack.as_ptr().add((s - s0) * NR * depth);
+                        for (q, ir) in (0..rows).step_by(MR).enumerate() {
+                            let cp = c.add((i0 + ir) * ldc + j);
+                            let tile = (MR.min(rows - ir), cols);
+                            let p = match ext {
+                                Some(e) if k2 > 0 => (e.p.ptr.offset((i0 + ir) as isize * e.p.rs), e.p.rs as usize, k2),
+                                _ => (std::ptr::null(), 0, 0),
+                            };
+                            if direct_a {
+                                kernel::<true>((strip_a(q), a.rs as usize, kc), p, bs, cp, ldc, tile, alpha, beta);
+                            } else {
+                                kernel::<false>((strip_a(q), MR, kc), p, bs, cp, ldc, tile, alpha, beta);
                             }
                         }
-                    };
-                    if direct_a {
-                        // SAFETY: strip q starts at row q·MR of this block, inside A.
-                        run(&|q| unsafe { a_at.ptr.add(q * MR * a.rs as usize) }, true);
-                    } else {
-                        with_buffer(&A_PACK, rows.next_multiple_of(MR) * kc, |apack| {
-                            // SAFETY: as above.
-                            unsafe { pack_a(rows, kc, a_at, apack) };
-                            // SAFETY: strip q of the packed block.
-                            run(&|q| unsafe { apack.as_ptr().add(q * MR * kc) }, false);
-                        })
                     }
                 };
-                let tasks = row_blocks * col_parts;
-                if threads > 1 && tasks > 1 {
-                    (0..tasks).into_par_iter().for_each(task);
+                if direct_a {
+                    run(&|q| a_at.ptr.add(q * MR * a.rs as usize));
                 } else {
-                    (0..tasks).for_each(task);
+                    with_buffer(&A_PACK, rows.next_multiple_of(MR) * kc, |apack| {
+                        pack_a(rows, kc, a_at, apack);
+                        run(&|q| apack.as_ptr().add(q * MR * kc));
+                    })
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -348,18 +402,19 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
-/// `C[tile] = α·Aₛ·Bₛ + β·C[tile]` for one `MR × NR` tile (`tile = (rows, cols)` valid, the rest
-/// masked off); `a` is an `A` strip (`kc × MR`), `b` a `B` strip (`kc × NR`).
+/// `C[tile] = α·(Aₛ·Bₛ + Pₛ·Qₛ) + β·C[tile]` for one `MR × NR` tile (`tile = (rows, cols)`
+/// valid, the rest masked off). `a = (ptr, lda, kc)`: an `A` strip, packed (`DIRECT = false`,
+/// element `(i, p)` at `ptr[p·MR + i]`) or row-major in place (`ptr[i·lda + p]`); `p = (ptr,
+/// ldp, k2)`: the extension's rows, row-major; `b`: the `B` strip, `kc + k2` steps of `NR`.
 ///
 /// # Safety
-/// AVX-512F; the strips hold `kc` steps; `C` holds the valid part of the tile at stride `ldc`.
+/// AVX-512F; the strips hold their steps; `C` holds the valid part of the tile at stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const DIRECT: bool>(
-    kc: usize,
-    a: *const f32,
-    lda: usize,
+    (a, lda, kc): (*const f32, usize, usize),
+    (p_ptr, ldp, k2): (*const f32, usize, usize),
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -381,6 +436,19 @@ unsafe fn kernel<const DIRECT: bool>(
             acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
         }
     }
+    if k2 > 0 {
+        let row: [*const f32; MR] = std::array::from_fn(|i| p_ptr.add(i.min(rows - 1) * ldp));
+        let b = b.add(kc * NR);
+        for p in 0..k2 {
+            let b0 = _mm512_load_ps(b.add(p * NR));
+            let b1 = _mm512_load_ps(b.add(p * NR + 16));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*row[i].add(p));
+                acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+            }
+        }
+    }
     let masks: [__mmask16; 2] = [lane_mask(cols), lane_mask(cols.saturating_sub(16))];
     let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
     for (i, acc) in acc.iter().enumerate().take(rows) {
@@ -398,9 +466,8 @@ unsafe fn kernel<const DIRECT: bool>(
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const DIRECT: bool>(
-    _: usize,
-    _: *const f32,
-    _: usize,
+    _: (*const f32, usize, usize),
+    _: (*const f32, usize, usize),
     _: *const f32,
     _: *mut f32,
     _: usize,
@@ -436,8 +503,26 @@ mod tests {
         let mut rng = TestRng::new(21);
         // Around every blocking size: MR = 12, NR = 32 (and its 16-lane halves), KC = 256,
         // MC = 192, NC = 1024; plus a single element and a row too few to split.
-        let shapes = [(1, 1, 1), (13, 33, 7), (25, 17, 300), (200, 1030, 20), (5, 40, 513), (24, 64, 256), (390, 9, 3)];
-        for (m, n, k) in shapes {
+        // (m, n, k, k2): around every blocking size (MR = 12, NR = 32 and its 16-lane halves,
+        // KC = 256, MC = 192, NC = 1024), a single element, a row count too small to split, and
+        // an extension (k2 > 0) on one slice or after several.
+        let shapes = [
+            (1, 1, 1, 0),
+            (13, 33, 7, 3),
+            (25, 17, 300, 0),
+            (200, 1030, 20, 16),
+            (5, 40, 513, 8),
+            (24, 64, 256, 0),
+            (390, 9, 3, 1),
+            (37, 800, 260, 5),
+        ];
+        for (m, n, k, k2) in shapes {
+            let (pd, qd) = (rng.vec_f32(m * k2), rng.vec_f32(k2 * n));
+            let ext = (k2 > 0).then_some(Extension {
+                p: Strided { ptr: pd.as_ptr(), rs: k2 as isize, cs: 1 },
+                q: Strided { ptr: qd.as_ptr(), rs: n as isize, cs: 1 },
+                k: k2,
+            });
             for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
                 let (ad, bd) = (rng.vec_f32(m * k), rng.vec_f32(k * n));
                 let a = if a_t {
@@ -456,14 +541,15 @@ mod tests {
                     let c0 = rng.vec_f32(m * ldc);
                     let mut c = if beta == 0.0 { vec![f32::NAN; m * ldc] } else { c0.clone() };
                     // SAFETY: the buffers hold the matrices; the test runs only with AVX-512.
-                    unsafe { sgemm(m, n, k, alpha, a, b, beta, c.as_mut_ptr(), ldc, threads) };
+                    unsafe { sgemm(m, n, k, alpha, a, b, beta, c.as_mut_ptr(), ldc, ext, threads) };
                     let (mut num, mut den) = (0f64, 0f64);
                     for i in 0..m {
                         for j in 0..n {
                             // SAFETY: (i, p) and (p, j) lie inside A and B.
                             let dot: f64 = (0..k).map(|p| unsafe { a.at(i, p) as f64 * b.at(p, j) as f64 }).sum();
-                            let want = alpha as f64 * dot
-                                + if beta == 0.0 { 0.0 } else { beta as f64 * c0[i * ldc + j] as f64 };
+                            let low: f64 = (0..k2).map(|p| pd[i * k2 + p] as f64 * qd[p * n + j] as f64).sum();
+                            let old = if beta == 0.0 { 0.0 } else { beta as f64 * c0[i * ldc + j] as f64 };
+                            let want = alpha as f64 * (dot + low) + old;
                             num += (c[i * ldc + j] as f64 - want).powi(2);
                             den += want * want;
                         }
@@ -475,7 +561,7 @@ mod tests {
                     let err = (num / den).sqrt();
                     assert!(
                         err < 1e-6,
-                        "m{m} n{n} k{k} aT{a_t} bT{b_t} threads {threads} α{alpha} β{beta}: rel err {err:e}"
+                        "m{m} n{n} k{k}+{k2} aT{a_t} bT{b_t} threads {threads} α{alpha} β{beta}: {err:e}"
                     );
                 }
             }
