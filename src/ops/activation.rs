@@ -5,7 +5,8 @@
 use crate::{Error, Result};
 use rayon::prelude::*;
 
-use super::simd::{exp, par_zeros};
+use super::simd::exp;
+use std::mem::MaybeUninit;
 
 /// Elements per parallel task.
 const GRAIN: usize = 4096;
@@ -15,18 +16,20 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+// Outputs are written as `MaybeUninit`: every element is written once, so the buffers need no
+// zero-fill pass before.
 crate::simd_fn! {
-    fn swiglu_rows(g: &[f32], u: &[f32], h: &mut [f32]) {
-        h.iter_mut().zip(g.iter().zip(u)).for_each(|(h, (&g, &u))| *h = g * sigmoid(g) * u)
+    fn swiglu_rows(g: &[f32], u: &[f32], h: &mut [MaybeUninit<f32>]) {
+        h.iter_mut().zip(g.iter().zip(u)).for_each(|(h, (&g, &u))| _ = h.write(g * sigmoid(g) * u))
     }
 }
 
 crate::simd_fn! {
-    fn swiglu_back_rows(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    fn swiglu_back_rows(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>]) {
         for i in 0..dg.len() {
             let s = sigmoid(g[i]);
-            dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-            du[i] = dh[i] * g[i] * s;
+            dg[i].write(dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
+            du[i].write(dh[i] * g[i] * s);
         }
     }
 }
@@ -36,19 +39,29 @@ pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Result<Vec<f32>> {
     if g.len() != u.len() {
         return Err(Error::shape("swiglu", format!("gate has {} elements, up {}", g.len(), u.len())));
     }
-    let mut h = par_zeros(g.len());
-    h.par_chunks_mut(GRAIN)
+    let mut h = Vec::with_capacity(g.len());
+    h.spare_capacity_mut()[..g.len()]
+        .par_chunks_mut(GRAIN)
         .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
         .for_each(|(h, (g, u))| swiglu_rows(g, u, h));
+    // SAFETY: swiglu_rows wrote every element of every chunk.
+    unsafe { h.set_len(g.len()) };
     Ok(h)
 }
 
 /// `(dg, du)` from `dh` and the saved `g`, `u`.
 pub fn swiglu_backward(dh: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut dg, mut du) = (par_zeros(g.len()), par_zeros(g.len()));
-    dg.par_chunks_mut(GRAIN)
-        .zip(du.par_chunks_mut(GRAIN))
+    let n = g.len().min(u.len()).min(dh.len());
+    let (mut dg, mut du) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    dg.spare_capacity_mut()[..n]
+        .par_chunks_mut(GRAIN)
+        .zip(du.spare_capacity_mut()[..n].par_chunks_mut(GRAIN))
         .zip(dh.par_chunks(GRAIN).zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN))))
         .for_each(|((dg, du), (dh, (g, u)))| swiglu_back_rows(dh, g, u, dg, du));
+    // SAFETY: swiglu_back_rows wrote every element of the first n of both.
+    unsafe {
+        dg.set_len(n);
+        du.set_len(n);
+    }
     (dg, du)
 }
