@@ -134,12 +134,12 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Resu
             (o, lse)
         })
         .collect();
+    // Heads back into token-major rows, one batch element per task.
     let mut out = par_zeros(q.len());
-    let mut lse = Vec::with_capacity(sh.batch * h * sh.tq);
-    for (bh, (o, l)) in parts.into_iter().enumerate() {
-        scatter_add(&mut out, &o, bh / h, sh.tq, h, bh % h, d);
-        lse.extend(l);
-    }
+    out.par_chunks_mut(sh.tq * h * d).enumerate().for_each(|(b, ob)| {
+        (0..h).for_each(|hh| scatter_add(ob, &parts[b * h + hh].0, 0, sh.tq, h, hh, d));
+    });
+    let lse = parts.iter().flat_map(|(_, l)| l.iter().copied()).collect();
     Ok((out, lse))
 }
 
@@ -180,12 +180,19 @@ pub fn attention_backward(
             [dq, dk, dv]
         })
         .collect();
+    // One batch element per task; the query heads sharing a KV head add in head order, so the
+    // sums do not depend on the thread count.
     let (mut dq, mut dk, mut dv) = (par_zeros(q.len()), par_zeros(k.len()), par_zeros(v.len()));
-    for (bh, [gq, gk, gv]) in parts.into_iter().enumerate() {
-        let (b, hh) = (bh / h, bh % h);
-        scatter_add(&mut dq, &gq, b, tq, h, hh, d);
-        scatter_add(&mut dk, &gk, b, tk, hkv, hh / rep, d);
-        scatter_add(&mut dv, &gv, b, tk, hkv, hh / rep, d);
-    }
+    let kv_rows = tk * hkv * d;
+    dq.par_chunks_mut(tq * h * d).zip(dk.par_chunks_mut(kv_rows).zip(dv.par_chunks_mut(kv_rows))).enumerate().for_each(
+        |(b, (dqb, (dkb, dvb)))| {
+            for hh in 0..h {
+                let [gq, gk, gv] = &parts[b * h + hh];
+                scatter_add(dqb, gq, 0, tq, h, hh, d);
+                scatter_add(dkb, gk, 0, tk, hkv, hh / rep, d);
+                scatter_add(dvb, gv, 0, tk, hkv, hh / rep, d);
+            }
+        },
+    );
     Ok((dq, dk, dv))
 }
