@@ -110,10 +110,15 @@ pub fn retain_heap_memory() {
         }
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
+        const M_ARENA_MAX: i32 = -8;
         // SAFETY: mallopt only changes allocator tunables; the values are in range.
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 1 << 30);
             mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            // One arena: the step's buffers are allocated on whichever rayon thread runs the
+            // op, and per-thread arenas would each keep a step's worth of freed memory
+            // (measured 99 MiB peak instead of 58 MiB for the default run).
+            mallopt(M_ARENA_MAX, 1);
         }
     }
 }
