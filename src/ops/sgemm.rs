@@ -55,6 +55,7 @@ impl Strided {
     /// # Safety
     /// `(i, p)` must lie inside the matrix.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unsafe fn at(&self, i: usize, p: usize) -> f32 {
         *self.ptr.offset(i as isize * self.rs + p as isize * self.cs)
     }
@@ -63,7 +64,7 @@ impl Strided {
 /// A second product summed into the same tiles of `C`: `C = α·(A·B + P·Q) + β·C` with
 /// `P [m, k]` row-major (`cs = 1`) and `Q [k, n]`. Its `k` steps run after the last slice of
 /// `A·B` on the accumulators still in registers, so the sum costs no extra pass over `C`: the
-/// LoRA linear's `x·W0ᵀ + (s·S)·Bᵀ` as one GEMM over `[x | s·S]·[W0 | B]ᵀ`.
+/// LoRA linear's `x·W0ᵀ + S·(s·B)ᵀ` as one GEMM over `[x | S]·[W0 | s·B]ᵀ`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Extension {
     pub p: Strided,
@@ -118,8 +119,8 @@ fn with_buffer<R>(
 }
 
 /// `C = α·(A·B + P·Q) + β·C` (`A` is `m × k`, `B` is `k × n`, `C` row-major with row stride
-/// `ldc`, `P·Q` the optional [`Extension`]), split over `threads` rayon tasks. `β = 0` never reads `C`. Requires [`available`] and
-/// `k > 0` (the caller scales `C` by `β` itself when `k = 0`).
+/// `ldc`, `P·Q` the optional [`Extension`]), split over `threads` rayon tasks. `β = 0` never
+/// reads `C`. Requires [`available`] and `k > 0` (the caller scales `C` by `β` when `k = 0`).
 ///
 /// # Safety
 /// The operands must hold their matrices, `C` must be valid for writes of `m` rows of `n` at
@@ -461,6 +462,17 @@ unsafe fn kernel<const DIRECT: bool>(
             _mm512_mask_storeu_ps(cp, mask, out);
         }
     }
+}
+
+// Off x86-64 `available()` is false and `matmul` never calls `sgemm`; these keep it compiling.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_b(_: usize, _: usize, _: Strided, _: usize, _: &mut [f32]) {
+    unreachable!("sgemm::available() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_a(_: usize, _: usize, _: Strided, _: &mut [f32]) {
+    unreachable!("sgemm::available() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
