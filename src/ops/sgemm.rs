@@ -154,10 +154,18 @@ pub(crate) unsafe fn sgemm(
     // region with no barrier (waking the other thread costs tens of µs on a VM, and a shared
     // packed B needed two per KC slice). Tasks split the columns when that packs less: always
     // with A read in place, else when B (packed by every row task) outweighs A.
-    let threads = threads.clamp(1, m.div_ceil(MR).max(n.div_ceil(NR)));
-    let strips = n.div_ceil(NR);
+    // When one direction has fewer parts than threads (n = 256 is 8 strips), the threads left
+    // over split the other direction too.
+    let (strips, row_tiles) = (n.div_ceil(NR), m.div_ceil(MR));
+    let threads = threads.max(1);
     let split_cols = direct_a || n >= m;
-    let (row_tasks, col_tasks) = if split_cols { (1, threads.min(strips)) } else { (threads.min(m.div_ceil(MR)), 1) };
+    let (row_tasks, col_tasks) = if split_cols {
+        let cols = threads.min(strips);
+        ((threads / cols).clamp(1, row_tiles), cols)
+    } else {
+        let rows = threads.min(row_tiles);
+        (rows, (threads / rows).clamp(1, strips))
+    };
     let rows_per = m.div_ceil(row_tasks).next_multiple_of(MR);
     let shared = Shared(a, b, c, ext);
     let task = |t: usize| {
@@ -547,7 +555,8 @@ mod tests {
                 } else {
                     Strided { ptr: bd.as_ptr(), rs: n as isize, cs: 1 }
                 };
-                for (threads, alpha, beta) in [(1, 1.0f32, 0.0f32), (2, 1.0, 0.0), (2, 0.5, -1.5), (3, -2.0, 1.0)] {
+                // 8 threads: more than the strips (or row tiles) of most shapes, so both split.
+                for (threads, alpha, beta) in [(1, 1.0f32, 0.0f32), (2, 1.0, 0.0), (3, 0.5, -1.5), (8, -2.0, 1.0)] {
                     // C has a wider row stride than n (extra columns must stay untouched).
                     let ldc = n + 3;
                     let c0 = rng.vec_f32(m * ldc);
