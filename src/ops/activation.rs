@@ -5,7 +5,7 @@
 use crate::{Error, Result};
 use rayon::prelude::*;
 
-use super::simd::exp;
+use super::simd::{exp, par_new};
 use std::mem::MaybeUninit;
 
 /// Elements per parallel task.
@@ -39,14 +39,7 @@ pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Result<Vec<f32>> {
     if g.len() != u.len() {
         return Err(Error::shape("swiglu", format!("gate has {} elements, up {}", g.len(), u.len())));
     }
-    let mut h = Vec::with_capacity(g.len());
-    h.spare_capacity_mut()[..g.len()]
-        .par_chunks_mut(GRAIN)
-        .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
-        .for_each(|(h, (g, u))| swiglu_rows(g, u, h));
-    // SAFETY: swiglu_rows wrote every element of every chunk.
-    unsafe { h.set_len(g.len()) };
-    Ok(h)
+    Ok(par_new(g.len(), GRAIN, |i, h| swiglu_rows(&g[i * GRAIN..][..h.len()], &u[i * GRAIN..][..h.len()], h)))
 }
 
 /// `(dg, du)` from `dh` and the saved `g`, `u`.

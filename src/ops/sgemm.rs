@@ -176,9 +176,12 @@ pub(crate) unsafe fn sgemm(
         if r0 >= r1 || s0 >= s1 {
             return;
         }
-        // SAFETY: the task reads rows r0..r1 of A and P, columns of strips s0..s1 of B and Q, and
-        // writes only those rows and columns of C.
-        unsafe { sgemm_block(k, alpha, (a, b, ext), beta, (c, ldc), (r0, r1), (s0, s1, n), direct_a) };
+        for g0 in (s0..s1).step_by(NC / NR) {
+            let strips = (g0, s1.min(g0 + NC / NR), n);
+            // SAFETY: the task reads rows r0..r1 of A and P, columns of strips s0..s1 of B and
+            // Q, and writes only those rows and columns of C.
+            unsafe { sgemm_panel(k, alpha, (a, b, ext), beta, (c, ldc), (r0, r1), strips, direct_a) };
+        }
     };
     if row_tasks * col_tasks > 1 {
         (0..row_tasks * col_tasks).into_par_iter().for_each(task);
@@ -187,30 +190,10 @@ pub(crate) unsafe fn sgemm(
     }
 }
 
-/// Rows `r0..r1` and column strips `s0..s1` (of `n` columns) of `C`, on this thread: for each
-/// `KC` slice, the strips of `B` packed (with the extension's `Q` rows after the last slice),
-/// then per `MC`-row block of `A` (packed, or read in place when `direct_a`) the micro-kernel
-/// over every strip and row tile.
-///
-/// # Safety
-/// As [`sgemm`], for the given rows and strips.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_block(
-    k: usize,
-    alpha: f32,
-    operands: (Strided, Strided, Option<Extension>),
-    beta: f32,
-    c: (*mut f32, usize),
-    rows: (usize, usize),
-    (s0, s1, n): (usize, usize, usize),
-    direct_a: bool,
-) {
-    for g0 in (s0..s1).step_by(NC / NR) {
-        sgemm_panel(k, alpha, operands, beta, c, rows, (g0, s1.min(g0 + NC / NR), n), direct_a);
-    }
-}
-
-/// [`sgemm_block`] for at most `NC` columns.
+/// Rows `r0..r1` and column strips `s0..s1` (at most `NC` columns; `n` is C's width) of `C`,
+/// on this thread: for each `KC` slice, the strips of `B` packed (with the extension's `Q` rows
+/// after the last slice), then per `MC`-row block of `A` (packed, or read in place when
+/// `direct_a`) the micro-kernel over every strip and row tile.
 ///
 /// # Safety
 /// As [`sgemm`], for the given rows and strips.

@@ -67,14 +67,15 @@ macro_rules! simd_fn {
 /// Elements per rayon task in the elementwise helpers below.
 const PAR_GRAIN: usize = 1 << 14;
 
-/// A vector of `n` elements, chunk `i` (of [`PAR_GRAIN`]) written by `f(i, chunk)` on the rayon
-/// threads, with no zero-fill pass before: a `vec![0.0; n]` of reused heap memory is a
+/// A vector of `n` elements, chunk `i` (of `grain` elements) written by `f(i, chunk)` on the
+/// rayon threads, with no zero-fill pass before: a `vec![0.0; n]` of reused heap memory is a
 /// single-threaded memset, and with the other serial buffer passes (residual adds, gradient
 /// copies and sums) these were ~4% of a training step's CPU time, idling the other threads.
-fn par_new(n: usize, f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+/// `f` must write every element of its chunk.
+pub(crate) fn par_new(n: usize, grain: usize, f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     let mut v = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(PAR_GRAIN).enumerate().for_each(|(i, c)| f(i, c));
+    v.spare_capacity_mut()[..n].par_chunks_mut(grain).enumerate().for_each(|(i, c)| f(i, c));
     // SAFETY: every caller's `f` writes all elements of its chunk, and the chunks cover 0..n.
     unsafe { v.set_len(n) };
     v
@@ -82,18 +83,18 @@ fn par_new(n: usize, f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync
 
 /// `n` zeros, written in parallel (see [`par_new`]).
 pub fn par_zeros(n: usize) -> Vec<f32> {
-    par_new(n, |_, c| c.iter_mut().for_each(|x| _ = x.write(0.0)))
+    par_new(n, PAR_GRAIN, |_, c| c.iter_mut().for_each(|x| _ = x.write(0.0)))
 }
 
 /// A copy of `a`, written in parallel.
 pub fn par_copy(a: &[f32]) -> Vec<f32> {
-    par_new(a.len(), |i, c| c.iter_mut().zip(&a[i * PAR_GRAIN..]).for_each(|(x, &v)| _ = x.write(v)))
+    par_new(a.len(), PAR_GRAIN, |i, c| c.iter_mut().zip(&a[i * PAR_GRAIN..]).for_each(|(x, &v)| _ = x.write(v)))
 }
 
 /// `a + b` elementwise, in parallel (`a`, `b` of one length).
 pub fn par_add(a: &[f32], b: &[f32]) -> Vec<f32> {
     assert_eq!(a.len(), b.len(), "par_add: lengths differ");
-    par_new(a.len(), |i, c| {
+    par_new(a.len(), PAR_GRAIN, |i, c| {
         let (a, b) = (&a[i * PAR_GRAIN..], &b[i * PAR_GRAIN..]);
         with_simd(|| c.iter_mut().zip(a.iter().zip(b)).for_each(|(x, (&a, &b))| _ = x.write(a + b)))
     })
