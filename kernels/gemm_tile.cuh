@@ -258,10 +258,11 @@ struct OperandWidth<Op, decltype(void(Op::kWidth))> {
 
 // acc += A·Bᵀ over k in [0, k) for the C tile at (block_m, block_n) of a C of c_rows × c_cols
 // (only a narrow tile's rank dimension reads them: its fragments past C are skipped).
+// CLIP_K: a short last K-step issues only ⌈(k − k0)/16⌉ k16 steps (see the loop).
 // `on_tile(s, k0)` runs once per K-step while both tiles are in shared memory (between the
 // barriers), so fused kernels can use the same A tile for a second product; pass a no-op
 // otherwise.
-template <int BM, int BN, class AOp, class BOp, class OnTile>
+template <bool CLIP_K = false, int BM, int BN, class AOp, class BOp, class OnTile>
 __device__ __forceinline__ void gemm_mainloop(TileAcc<BM, BN>& acc, TileSmem<BM, BN>& s, const AOp& a, const BOp& b,
                                               int k, int block_m, int block_n, OnTile on_tile,
                                               int c_rows = 0x7fffffff, int c_cols = 0x7fffffff) {
@@ -295,7 +296,12 @@ __device__ __forceinline__ void gemm_mainloop(TileAcc<BM, BN>& acc, TileSmem<BM,
             b_at(rb, k0 + GEMM_BK);
         }
         on_tile(s, k0);
-        mma_tile<A_KMAJOR, B_KMAJOR>(acc, s, warp_m, warp_n, lane, GEMM_BK, m_len, n_len);
+        // With CLIP_K (a LoRA up-projection, k = R ≤ 64: one K-step) the step stops after the
+        // k16 steps that hold data, 16·⌈R/16⌉ deep instead of 64. The other products keep the
+        // constant depth: a run-time bound in their loop changes how nvcc schedules the k16
+        // steps (the 128×128 kernels went from 228 to ~178 registers), untested on a GPU.
+        mma_tile<A_KMAJOR, B_KMAJOR>(acc, s, warp_m, warp_n, lane, CLIP_K && k - k0 < GEMM_BK ? k - k0 : GEMM_BK,
+                                     m_len, n_len);
         __syncthreads();  // every warp done reading before the next store overwrites the tile
     }
 }

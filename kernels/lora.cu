@@ -12,14 +12,15 @@
 // Bytes and FLOPs (bf16 in, M·K = |x|, r = R):
 //   lora_down_rt*        2·M·R16·K FLOP issued (R16 = 16·⌈R/16⌉); reads x once per R tile
 //                        (2·M·K·⌈R/64⌉ B for R > 64, else once) + A per M-tile; writes 6·M·R B
-//   lora_fwd_split_*     2·M·N·(K+64·⌈R/64⌉) FLOP issued (the up-projection is R extra K
-//                        columns, K-steps of 64); the base GEMM's traffic + the r extra columns
+//   lora_fwd_split_*     2·M·N·(K+R16) FLOP issued (the up-projection is R extra K columns;
+//                        its K-step stops after ⌈R/16⌉ k16 steps); the base GEMM's traffic + the
+//                        R extra columns
 //   lora_bwd_ds_db       4·M·N·R16 FLOP; reads dy once per 64 columns of R (2·M·N B) for dS and
 //                        the per-128-row partials of dB (splitk_reduce sums them), see below
 //   lora_bwd_da_rt*      2·R16·K·M FLOP issued; reads x (and dS) once per R tile, split over M,
 //                        partials reduced by splitk_reduce
-//   lora_bwd_dx_*        2·M·K·(N+64·⌈R/64⌉) FLOP issued; the base dx GEMM's traffic + r extra
-//                        K columns
+//   lora_bwd_dx_*        2·M·K·(N+R16) FLOP issued; the base dx GEMM's traffic + R extra K
+//                        columns
 // lora_down and lora_bwd_da run the GEMM main loop on 128×RT / RT×128 tiles, RT = 16, 32 or 64
 // along R (the narrowest that holds R, else 64: `rank_tile` in lora_kernels.rs) and skip MMAs
 // past R, so R pads to 16 (before: one 128-wide tile, zero-padded, 8× the FLOPs at R = 16).
@@ -101,8 +102,8 @@ __device__ __forceinline__ void lora_fwd_split(const LoraForwardParams& p, const
     __shared__ __align__(16) GemmSmem smem;
     const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN;
     GemmAcc acc = {};
-    gemm_mainloop(acc, smem, operand<false>(p.s_scaled, p.m, p.r, p.r), operand<false>(p.b, p.n, p.r, p.r), p.r,
-                  block_m, block_n, NoOnTile{});
+    gemm_mainloop<true>(acc, smem, operand<false>(p.s_scaled, p.m, p.r, p.r), operand<false>(p.b, p.n, p.r, p.r), p.r,
+                        block_m, block_n, NoOnTile{});
     gemm_mainloop(acc, smem, operand<false>(p.x, p.m, p.k, p.k), w0, p.k, block_m, block_n, NoOnTile{});
     store_tile_c(acc, static_cast<Out*>(p.y), p.n, block_m, block_n, p.m, p.n);
 }
@@ -342,8 +343,8 @@ __device__ __forceinline__ void lora_bwd_dx(const LoraBackwardParams& p, const W
     __shared__ __align__(16) GemmSmem smem;
     const int block_m = blockIdx.y * GEMM_BM, block_n = blockIdx.x * GEMM_BN;
     GemmAcc acc = {};
-    gemm_mainloop(acc, smem, operand<false>(p.ds, p.m, p.r, p.r), operand<true>(p.a, p.r, p.k, p.k), p.r, block_m,
-                  block_n, NoOnTile{});
+    gemm_mainloop<true>(acc, smem, operand<false>(p.ds, p.m, p.r, p.r), operand<true>(p.a, p.r, p.k, p.k), p.r, block_m,
+                        block_n, NoOnTile{});
     const Dropout d = Dropout::from(p.dropout);
     if (d.active()) {
         unsigned long long q = ~0ull;  // accumulators come in column pairs: reuse the group

@@ -313,9 +313,13 @@ fn traffic_and_flops_vs_split_and_plain_gemm() {
         assert_eq!(split.bytes_written, fused.bytes_written, "{name}: both write y, S, s_scaled");
         // MMA (warp-wide m16n8k16): the GEMM, + S recomputed per N-tile (per K-step, 8 warps ×
         // 4 k16 × R16/8), + the up-projection R16 deep (8 warps × 16 per k16).
-        let s_mma = blocks * (k / 64) * 8 * 4 * (r16 / 8);
+        let s_mma = blocks * k.div_ceil(16) * 8 * (r16 / 8);
         let up_mma = blocks * 8 * 16 * (r16 / 16);
         assert_eq!(fused.mma, gemm.mma + s_mma + up_mma, "{name}: unexpected MMA count");
+        // Split: S once per 128 rows (lora_down), and the same R16-deep up-projection (its
+        // K-step stops at R16, not at 64).
+        let down_mma = m.div_ceil(128) * k.div_ceil(16) * 8 * (r16 / 8);
+        assert_eq!(split.mma, gemm.mma + down_mma + up_mma, "{name}: unexpected split MMA count");
         assert_eq!(fused.blocks, blocks, "{name}: one launch of the GEMM's grid");
     }
 }
