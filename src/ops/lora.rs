@@ -14,6 +14,7 @@
 
 use super::matmul::{gemm, gemm_new, gemm_new_plus_low_rank, skinny_gemm, Tr, View};
 use super::philox::DropoutMask;
+use super::simd::AlignedBuf;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -114,10 +115,11 @@ pub fn linear_backward_input(dy: &[f32], w: &[f32], sh: LinearShape) -> Vec<f32>
     gemm_new(sh.m, sh.k, sh.n, 1.0, dy, Tr::N, w, Tr::N, true)
 }
 
-/// Per-thread scratch for the chunk loops (dropped `x` and its Philox words), reused across
-/// calls so they neither allocate nor page-fault. Taken out of the cell while in use, so a nested
-/// use on the same thread (rayon work stealing) gets fresh buffers instead of a borrow panic.
-type Scratch = (Vec<f32>, Vec<u32>);
+/// Per-thread scratch for the chunk loops (dropped `x`, aligned since it is the wide operand of
+/// `dA`, and its Philox words), reused across calls so they neither allocate nor page-fault.
+/// Taken out of the cell while in use, so a nested use on the same thread (rayon work stealing)
+/// gets fresh buffers instead of a borrow panic.
+type Scratch = (AlignedBuf, Vec<u32>);
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
@@ -126,9 +128,8 @@ thread_local! {
 /// Runs `f` with a buffer of `n` f32 and one of `n` words (contents arbitrary).
 fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32], &mut [u32]) -> R) -> R {
     let mut sc = SCRATCH.take().unwrap_or_default();
-    sc.0.resize(sc.0.len().max(n), 0.0);
     sc.1.resize(sc.1.len().max(n), 0);
-    let out = f(&mut sc.0[..n], &mut sc.1[..n]);
+    let out = f(sc.0.get(n), &mut sc.1[..n]);
     SCRATCH.set(Some(sc));
     out
 }
@@ -242,14 +243,17 @@ pub fn lora_forward(
         return Ok(LoraForward { y: linear(x, w0, bias, sh)?, s });
     }
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
-    let at = transpose(a, r, k);
+    // Aᵀ [k, r] is the row operand of the skinny S product: aligned, so its 16-float rows are
+    // single cache lines.
+    let mut at = AlignedBuf::default();
+    let at = at.copy_of(&transpose(a, r, k));
     // S per chunk of rows while the chunk's dropped x is in cache, then the base GEMM with the
     // rank-r term as a K-extension: y = [x | S]·[W0 | s·B]ᵀ, one pass over y.
     s.par_chunks_mut(CHUNK_ROWS * r).enumerate().for_each(|(c, sr)| {
         let (row0, rows) = (c * CHUNK_ROWS, sr.len() / r);
         with_scratch(words_len.min(rows * k), |xd, words| {
             let xd = dropped(&mask, row0 * k, &x[row0 * k..(row0 + rows) * k], xd, words);
-            down_chunk(xd, k, &at, sr);
+            down_chunk(xd, k, at, sr);
         })
     });
     let bt_scaled: Vec<f32> = transpose(b, n, r).iter().map(|v| sc * v).collect();
@@ -299,6 +303,10 @@ pub fn lora_backward(
     // pass has made dS. With dropout the dS·A term is masked, so the chunk pass writes
     // drop'(dS·A) into dx and the dx GEMM adds dy·W0 onto it (beta = 1).
     let masked_dx = need_dx && !mask.is_identity();
+    // B and A are the row operands of the skinny dS and dS·A products: aligned copies (B's rows
+    // are 16 floats, one cache line at r = 16, and straddled two in 3 of 4 allocations).
+    let (mut b_buf, mut a_buf) = (AlignedBuf::default(), AlignedBuf::default());
+    let (b, a_rows) = (b_buf.copy_of(b), a_buf.copy_of(a));
     let mut dx: Option<Vec<f32>> = masked_dx.then(|| Vec::with_capacity(m * k));
     let mut ds = vec![0.0; m * r];
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
@@ -311,7 +319,7 @@ pub fn lora_backward(
         let nw = words_len.min(rows * k);
         with_scratch(nw, |xd, words| {
             let xd = dropped(&mask, row0 * k, xc, xd, words);
-            backward_chunk(dyc, xd, sc_rows, (k, n, r), a, b, &mask, words, sc, dsc, dxc, &mut da, &mut dbt);
+            backward_chunk(dyc, xd, sc_rows, (k, n, r), a_rows, b, &mask, words, sc, dsc, dxc, &mut da, &mut dbt);
         });
         (da, dbt)
     };
@@ -330,13 +338,30 @@ pub fn lora_backward(
     } else if need_dx {
         dx = Some(gemm_new_plus_low_rank(m, k, n, 1.0, (dy, Tr::N), (w0, Tr::N), Some((&ds, a, r)), true));
     }
-    let mut parts = parts.into_iter();
-    let (mut da, mut dbt) = parts.next().unwrap_or_else(|| (vec![0.0; r * k], vec![0.0; r * n]));
-    for (pa, pb) in parts {
-        da.iter_mut().zip(&pa).for_each(|(d, p)| *d += p);
-        dbt.iter_mut().zip(&pb).for_each(|(d, p)| *d += p);
-    }
+    let (da, dbt) = sum_in_order(parts, (r * k, r * n));
     Ok(LoraGrads { dx, da, db: transpose(&dbt, r, n) })
+}
+
+/// The chunks' `(dA, dBᵀ)` partials summed in chunk order (so the sums do not depend on the
+/// thread count), in parallel over slices of columns: at M = 2048 there are 32 pairs of
+/// 128 KiB, too much to add up on one thread while the others wait.
+fn sum_in_order(parts: Vec<(Vec<f32>, Vec<f32>)>, (da_len, dbt_len): (usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let (mut das, mut dbts): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    if das.is_empty() {
+        return (vec![0.0; da_len], vec![0.0; dbt_len]);
+    }
+    let sum = |parts: &mut Vec<Vec<f32>>| {
+        const SLICE: usize = 4096;
+        let mut total = std::mem::take(&mut parts[0]);
+        total.par_chunks_mut(SLICE).enumerate().for_each(|(i, sum)| {
+            for part in &parts[1..] {
+                let part = &part[i * SLICE..];
+                super::simd::with_simd(|| sum.iter_mut().zip(part).for_each(|(s, p)| *s += p));
+            }
+        });
+        total
+    };
+    (sum(&mut das), sum(&mut dbts))
 }
 
 /// `W ± s·B·A` in place: merge (`sign = 1`) or unmerge (`sign = −1`) an adapter into `W [n,k]`.

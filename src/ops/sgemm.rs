@@ -16,6 +16,7 @@
 //! the packed copies written once each, `C` written once per `KC` slice (and read when
 //! `β ≠ 0` or after the first slice); `P·Q` adds `r` steps to the last slice, no pass over `C`.
 
+use super::simd::AlignedBuf;
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -89,31 +90,21 @@ impl Shared {
     }
 }
 
-/// A 64-byte-aligned group of 16 floats, so packed strips start on cache lines.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
 thread_local! {
-    static A_PACK: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
-    static B_PACK: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
+    static A_PACK: std::cell::Cell<AlignedBuf> = std::cell::Cell::new(AlignedBuf::default());
+    static B_PACK: std::cell::Cell<AlignedBuf> = std::cell::Cell::new(AlignedBuf::default());
 }
 
-/// Runs `f` on this thread's buffer of at least `len` floats (taken out while in use, so a
-/// nested call on the same thread, e.g. from a stolen rayon job, gets a fresh one).
+/// Runs `f` on this thread's buffer of at least `len` floats, aligned so packed strips start on
+/// cache lines (taken out while in use, so a nested call on the same thread, e.g. from a stolen
+/// rayon job, gets a fresh one).
 fn with_buffer<R>(
-    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<Line>>>,
+    key: &'static std::thread::LocalKey<std::cell::Cell<AlignedBuf>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
     let mut buf = key.take();
-    let lines = len.div_ceil(16);
-    if buf.len() < lines {
-        buf = vec![Line([0.0; 16]); lines];
-    }
-    // SAFETY: `Line` is 16 plain f32s with no padding; the slice covers `lines · 16 >= len` floats.
-    let floats = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut f32, len) };
-    let out = f(floats);
+    let out = f(buf.get(len));
     key.set(buf);
     out
 }

@@ -64,6 +64,38 @@ macro_rules! simd_fn {
     };
 }
 
+/// A 64-byte-aligned group of 16 floats: one cache line, one AVX-512 vector.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// A reusable f32 buffer that starts on a cache line, so full-vector loads of its rows never
+/// straddle two lines. glibc aligns `Vec`s to 16 bytes only; with such an operand in place of
+/// an aligned one, the LoRA op's rank-16 products of one 64-row chunk ran 1.4-1.5× slower
+/// (`dS = dy·B` 22.9 against 15.5 µs with `B` misaligned, K = N = 1024).
+#[derive(Default)]
+pub(crate) struct AlignedBuf(Vec<Line>);
+
+impl AlignedBuf {
+    /// The first `len` floats, the buffer grown (zeroed) when shorter; contents otherwise
+    /// whatever was last written.
+    pub fn get(&mut self, len: usize) -> &mut [f32] {
+        let lines = len.div_ceil(16);
+        if self.0.len() < lines {
+            self.0 = vec![Line([0.0; 16]); lines];
+        }
+        // SAFETY: `Line` is 16 plain f32s with no padding; the slice covers `lines · 16 >= len` floats.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut f32, len) }
+    }
+
+    /// An aligned copy of `src`, in this buffer.
+    pub fn copy_of(&mut self, src: &[f32]) -> &[f32] {
+        let dst = self.get(src.len());
+        dst.copy_from_slice(src);
+        dst
+    }
+}
+
 /// Elements per rayon task in the elementwise helpers below.
 const PAR_GRAIN: usize = 1 << 14;
 
