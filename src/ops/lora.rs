@@ -14,6 +14,7 @@
 
 use super::matmul::{gemm, gemm_new, gemm_new_plus_low_rank, skinny_gemm, Tr, View};
 use super::philox::DropoutMask;
+use super::sgemm::transpose_into;
 use super::simd::AlignedBuf;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -148,9 +149,7 @@ fn dropped<'a>(mask: &DropoutMask, start: usize, x: &'a [f32], xd: &'a mut [f32]
 /// `[rows, cols]` → `[cols, rows]`.
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0.0; rows * cols];
-    for (i, row) in x.chunks_exact(cols).enumerate() {
-        row.iter().enumerate().for_each(|(j, &v)| t[j * rows + i] = v);
-    }
+    transpose_into(x, rows, cols, &mut t);
     t
 }
 
@@ -245,8 +244,10 @@ pub fn lora_forward(
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
     // Aᵀ [k, r] is the row operand of the skinny S product: aligned, so its 16-float rows are
     // single cache lines.
-    let mut at = AlignedBuf::default();
-    let at = at.copy_of(&transpose(a, r, k));
+    let mut at_buf = AlignedBuf::default();
+    let at = at_buf.get(r * k);
+    transpose_into(a, r, k, at);
+    let at = &*at;
     // S per chunk of rows while the chunk's dropped x is in cache, then the base GEMM with the
     // rank-r term as a K-extension: y = [x | S]·[W0 | s·B]ᵀ, one pass over y.
     s.par_chunks_mut(CHUNK_ROWS * r).enumerate().for_each(|(c, sr)| {
