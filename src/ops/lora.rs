@@ -12,13 +12,12 @@
 //! only; its mask is a pure function of `(seed, offset, element index of x)`
 //! ([`super::philox`]), so the CUDA kernels reproduce it bit for bit.
 
-use super::matmul::{gemm, gemm_new, gemm_new_plus_low_rank, skinny_gemm, Tr, View};
+use super::matmul::{gemm, gemm_new, gemm_new_plus_low_rank, skinny_gemm, KeepMask, LowRank, Tr, View};
 use super::philox::DropoutMask;
 use super::sgemm::transpose_into;
 use super::simd::AlignedBuf;
 use crate::{Error, Result};
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// Rows per task of the rank-`r` branch: the chunk's dropped `x` (and Philox words) lives only
 /// in a per-thread buffer, in cache, and each chunk's operands fit in L2.
@@ -170,21 +169,15 @@ crate::simd_fn! {
 
 crate::simd_fn! {
     /// Rank-`r` backward of one chunk of rows (dims = `(k, n, r)`): `dS = sc·dy·B` into `ds`,
-    /// `dBᵀ = sc·Sᵀ·dy` into `dbt [r, n]`, `dA = dSᵀ·xd` into `da [r, k]` (this chunk's parts),
-    /// and `dx = drop'(dS·A)` (every element written) when `dx` is given, by `words` (the chunk's
-    /// Philox words; `dx` is given only when `mask` drops something).
+    /// `dBᵀ = sc·Sᵀ·dy` into `dbt [r, n]`, and `dA = dSᵀ·xd` into `da [r, k]` (this chunk's parts).
     fn backward_chunk(
         dy: &[f32],
         xd: &[f32],
         s: &[f32],
         dims: (usize, usize, usize),
-        a: &[f32],
         b: &[f32],
-        mask: &DropoutMask,
-        words: &[u32],
         sc: f32,
         ds: &mut [f32],
-        dx: Option<&mut [MaybeUninit<f32>]>,
         da: &mut [f32],
         dbt: &mut [f32],
     ) {
@@ -198,17 +191,8 @@ crate::simd_fn! {
         skinny_gemm(r, n, rows, View { d: s, rs: 1, cs: r }, rm(dy, n), &mut |q, j0, v| {
             dbt[q * n + j0..][..v.len()].iter_mut().zip(v).for_each(|(d, v)| *d = sc * v)
         });
-        let (ds, dst) = (&*ds, View { d: ds, rs: 1, cs: r });
+        let dst = View { d: ds, rs: 1, cs: r };
         skinny_gemm(r, k, rows, dst, rm(xd, k), &mut |q, j0, v| da[q * k + j0..][..v.len()].copy_from_slice(v));
-        let Some(dx) = dx else { return };
-        let (th, scl) = (mask.threshold, mask.scale);
-        skinny_gemm(rows, k, r, rm(ds, r), rm(a, k), &mut |i, j0, v| {
-            let o = i * k + j0;
-            let it = dx[o..][..v.len()].iter_mut().zip(v.iter().zip(&words[o..][..v.len()]));
-            it.for_each(|(d, (&v, &w))| {
-                d.write(if w >= th { v * scl } else { 0.0 });
-            })
-        });
     }
 }
 
@@ -258,18 +242,27 @@ pub fn lora_forward(
         })
     });
     let bt_scaled: Vec<f32> = transpose(b, n, r).iter().map(|v| sc * v).collect();
-    let mut y = gemm_new_plus_low_rank(m, n, k, 1.0, (x, Tr::N), (w0, Tr::T), Some((&s, &bt_scaled, r)), true);
+    let mut y = gemm_new_plus_low_rank(
+        m,
+        n,
+        k,
+        1.0,
+        (x, Tr::N),
+        (w0, Tr::T),
+        Some(LowRank { p: &s, q: &bt_scaled, r, keep: None }),
+        true,
+    );
     add_bias(&mut y, bias, n)?;
     Ok(LoraForward { y, s })
 }
 
 /// LoRA backward (see the module docs): `dx` only when `need_dx`.
 ///
-/// Per chunk of rows, as small GEMMs: `dS_c = s·dy_c·B`, `dBᵀ += s·S_cᵀ·dy_c`, the mask
-/// regenerated once for `dA += dS_cᵀ·drop(x_c)` and, with dropout, `dx_c = drop'(dS_c·A)`.
-/// Then `dx` is one parallel GEMM: `dy·W0` added onto the masked term, or without dropout
-/// `[dy | dS]·[W0; A]` in one pass. Each chunk's `dA`, `dB` partials are summed in chunk
-/// order, so the result does not depend on the thread count.
+/// Per chunk of rows, as small GEMMs: `dS_c = s·dy_c·B`, `dBᵀ += s·S_cᵀ·dy_c`, and the mask
+/// regenerated once for `dA += dS_cᵀ·drop(x_c)` (and, with dropout, kept as bits for `dx`).
+/// Then `dx = [dy | dS]·[W0; A]` is one parallel GEMM, the `dS·A` steps masked by those bits on
+/// its accumulators. Each chunk's `dA`, `dB` partials are summed in chunk order, so the result
+/// does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     dy: &[f32],
@@ -300,19 +293,20 @@ pub fn lora_backward(
             db: Vec::new(),
         });
     }
-    // Without dropout, dx = [dy | dS]·[W0; A] is one GEMM with a K-extension after the chunk
-    // pass has made dS. With dropout the dS·A term is masked, so the chunk pass writes
-    // drop'(dS·A) into dx and the dx GEMM adds dy·W0 onto it (beta = 1).
+    // dx = dy·W0 + drop'(dS·A) is one GEMM whose K-extension [dy | dS]·[W0; A] adds the rank-r
+    // term on the accumulators, masked there by the keep bits the chunk pass writes (M·K/8
+    // bytes, only while this call runs) after dS is complete.
     let masked_dx = need_dx && !mask.is_identity();
-    // B and A are the row operands of the skinny dS and dS·A products: aligned copies (B's rows
-    // are 16 floats, one cache line at r = 16, and straddled two in 3 of 4 allocations).
-    let (mut b_buf, mut a_buf) = (AlignedBuf::default(), AlignedBuf::default());
-    let (b, a_rows) = (b_buf.copy_of(b), a_buf.copy_of(a));
-    let mut dx: Option<Vec<f32>> = masked_dx.then(|| Vec::with_capacity(m * k));
+    // B is the row operand of the skinny dS product: an aligned copy (its rows are 16 floats,
+    // one cache line at r = 16, and straddled two in 3 of 4 allocations).
+    let mut b_buf = AlignedBuf::default();
+    let b = b_buf.copy_of(b);
+    let words_per_row = k.div_ceil(32);
+    let mut keep = if masked_dx { vec![0u32; m * words_per_row] } else { Vec::new() };
     let mut ds = vec![0.0; m * r];
     let words_len = if mask.is_identity() { 0 } else { CHUNK_ROWS * k };
     // One task per chunk of rows; each returns its partial dA [r,k] and dBᵀ [r,n].
-    let chunk = |row0: usize, dsc: &mut [f32], dxc: Option<&mut [MaybeUninit<f32>]>| -> (Vec<f32>, Vec<f32>) {
+    let chunk = |row0: usize, dsc: &mut [f32], keep: Option<&mut [u32]>| -> (Vec<f32>, Vec<f32>) {
         let rows = (m - row0).min(CHUNK_ROWS);
         let rng = |w: usize| row0 * w..(row0 + rows) * w;
         let (dyc, xc, sc_rows) = (&dy[rng(n)], &x[rng(k)], &s[rng(r)]);
@@ -320,25 +314,24 @@ pub fn lora_backward(
         let nw = words_len.min(rows * k);
         with_scratch(nw, |xd, words| {
             let xd = dropped(&mask, row0 * k, xc, xd, words);
-            backward_chunk(dyc, xd, sc_rows, (k, n, r), a_rows, b, &mask, words, sc, dsc, dxc, &mut da, &mut dbt);
+            backward_chunk(dyc, xd, sc_rows, (k, n, r), b, sc, dsc, &mut da, &mut dbt);
+            if let Some(keep) = keep {
+                mask.keep_bits(words, k, keep);
+            }
         });
         (da, dbt)
     };
     let ds_chunks = ds.par_chunks_mut(CHUNK_ROWS * r).enumerate();
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = match dx.as_mut() {
-        Some(dx) => ds_chunks
-            .zip(dx.spare_capacity_mut()[..m * k].par_chunks_mut(CHUNK_ROWS * k))
-            .map(|((c, dsc), dxc)| chunk(c * CHUNK_ROWS, dsc, Some(dxc)))
-            .collect(),
-        None => ds_chunks.map(|(c, dsc)| chunk(c * CHUNK_ROWS, dsc, None)).collect(),
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = if masked_dx {
+        ds_chunks
+            .zip(keep.par_chunks_mut(CHUNK_ROWS * words_per_row))
+            .map(|((c, dsc), kc)| chunk(c * CHUNK_ROWS, dsc, Some(kc)))
+            .collect()
+    } else {
+        ds_chunks.map(|(c, dsc)| chunk(c * CHUNK_ROWS, dsc, None)).collect()
     };
-    if let Some(dx) = dx.as_mut() {
-        // SAFETY: the chunk pass wrote all m·k elements.
-        unsafe { dx.set_len(m * k) };
-        gemm(m, k, n, 1.0, dy, Tr::N, w0, Tr::N, 1.0, dx, true);
-    } else if need_dx {
-        dx = Some(gemm_new_plus_low_rank(m, k, n, 1.0, (dy, Tr::N), (w0, Tr::N), Some((&ds, a, r)), true));
-    }
+    let low_rank = LowRank { p: &ds, q: a, r, keep: masked_dx.then_some(KeepMask { bits: &keep, scale: mask.scale }) };
+    let dx = need_dx.then(|| gemm_new_plus_low_rank(m, k, n, 1.0, (dy, Tr::N), (w0, Tr::N), Some(low_rank), true));
     let (da, dbt) = sum_in_order(parts, (r * k, r * n));
     Ok(LoraGrads { dx, da, db: transpose(&dbt, r, n) })
 }

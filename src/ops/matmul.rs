@@ -4,7 +4,7 @@
 //! product into the same pass); elsewhere, or with `LORAFUSE_CPU_GEMM=matrixmultiply` (for
 //! comparison), the `matrixmultiply` crate, one call per thread's block of rows.
 
-use super::sgemm::{self, Extension, Strided};
+use super::sgemm::{self, Extension, KeepBits, Strided};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -81,12 +81,29 @@ pub fn gemm_new(
     gemm_new_plus_low_rank(m, n, k, alpha, (a, ta), (b, tb), None, parallel)
 }
 
-/// A rank-`r` product summed into a GEMM: `P [m, r]`, `Q [r, n]`, both row-major.
-pub type LowRank<'a> = (&'a [f32], &'a [f32], usize);
+/// A rank-`r` product summed into a GEMM: `P [m, r]`, `Q [r, n]`, both row-major, masked
+/// elementwise when `keep` is given.
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    pub p: &'a [f32],
+    pub q: &'a [f32],
+    pub r: usize,
+    pub keep: Option<KeepMask<'a>>,
+}
 
-/// `alpha·(op(A)·op(B) + P·Q)` into a new `[m, n]` vector, the optional rank-`r` term `P·Q`
-/// summed in the same pass over `C` (with AVX-512 on the accumulators, before they are stored):
-/// the LoRA linear's `x·W0ᵀ + (s·S)·Bᵀ` and `dy·W0 + dS·A` as one GEMM each.
+/// A 0/1 mask over `C [m, n]` as bits, `⌈n/32⌉` words per row: element `(i, j)` is kept iff bit
+/// `j % 32` of `bits[i·⌈n/32⌉ + j/32]` is set, and kept elements are multiplied by `scale`
+/// (dropout's `1/(1−p)`).
+#[derive(Debug, Clone, Copy)]
+pub struct KeepMask<'a> {
+    pub bits: &'a [u32],
+    pub scale: f32,
+}
+
+/// `alpha·(op(A)·op(B) + L)` into a new `[m, n]` vector, the optional rank-`r` term `L = P·Q`
+/// (or `keep ⊙ scale·(P·Q)`) summed in the same pass over `C` (with AVX-512 on the
+/// accumulators, before they are stored): the LoRA linear's `x·W0ᵀ + (s·S)·Bᵀ` and
+/// `dy·W0 + drop'(dS·A)` as one GEMM each.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_new_plus_low_rank(
     m: usize,
@@ -99,8 +116,11 @@ pub fn gemm_new_plus_low_rank(
     parallel: bool,
 ) -> Vec<f32> {
     assert!(a.len() >= m * k && b.len() >= k * n, "gemm: operand too short");
-    if let Some((p, q, r)) = low_rank {
+    if let Some(LowRank { p, q, r, keep }) = low_rank {
         assert!(p.len() >= m * r && q.len() >= r * n, "gemm: low-rank operand too short");
+        if let Some(km) = keep {
+            assert!(km.bits.len() >= m * n.div_ceil(32), "gemm: keep mask too short");
+        }
     }
     let mut c = Vec::with_capacity(m * n);
     // SAFETY: with beta = 0 both libraries write every element of C without reading it, so the
@@ -133,13 +153,13 @@ unsafe fn gemm_raw(
     if m == 0 || n == 0 {
         return;
     }
-    let low_rank = low_rank.filter(|&(_, _, r)| r > 0);
+    let low_rank = low_rank.filter(|l| l.r > 0);
     if k == 0 {
         for i in 0..m * n {
             *c.add(i) = if beta == 0.0 { 0.0 } else { *c.add(i) * beta };
         }
-        if let Some((p, q, r)) = low_rank {
-            gemm_raw(m, n, r, alpha, p, Tr::N, q, Tr::N, 1.0, c, None, parallel);
+        if let Some(l) = low_rank {
+            add_low_rank(m, n, alpha, l, c, parallel);
         }
         return;
     }
@@ -159,14 +179,45 @@ unsafe fn gemm_raw(
         // SAFETY: the operands hold their matrices (callers assert it); `lib()` chose Packed only
         // where sgemm::available().
         Lib::Packed => {
-            let ext = low_rank.map(|(p, q, r)| Extension { p: rm(p, r), q: rm(q, n), k: r });
+            let ext = low_rank.map(|l| Extension {
+                p: rm(l.p, l.r),
+                q: rm(l.q, n),
+                k: l.r,
+                keep: l.keep.map(|km| KeepBits {
+                    bits: km.bits.as_ptr(),
+                    words_per_row: n.div_ceil(32),
+                    scale: km.scale,
+                }),
+            });
             sgemm::sgemm(m, n, k, alpha, a, b, beta, c, n, ext, threads)
         }
         // SAFETY: as above.
         Lib::MatrixMultiply => {
             with_matrixmultiply(m, n, k, alpha, a, b, beta, c, threads);
-            if let Some((p, q, r)) = low_rank {
-                with_matrixmultiply(m, n, r, alpha, rm(p, r), rm(q, n), 1.0, c, threads);
+            if let Some(l) = low_rank {
+                add_low_rank(m, n, alpha, l, c, parallel);
+            }
+        }
+    }
+}
+
+/// `C += alpha·L` as a separate product (where the GEMM cannot sum it on its accumulators);
+/// a masked term goes through a temporary `[m, n]`.
+///
+/// # Safety
+/// `c` must be valid for reads and writes of `m·n` elements.
+unsafe fn add_low_rank(m: usize, n: usize, alpha: f32, l: LowRank, c: *mut f32, parallel: bool) {
+    let Some(km) = l.keep else {
+        return gemm_raw(m, n, l.r, alpha, l.p, Tr::N, l.q, Tr::N, 1.0, c, None, parallel);
+    };
+    let mut t = vec![0.0; m * n];
+    gemm_raw(m, n, l.r, alpha * km.scale, l.p, Tr::N, l.q, Tr::N, 0.0, t.as_mut_ptr(), None, parallel);
+    let c = std::slice::from_raw_parts_mut(c, m * n);
+    let words = n.div_ceil(32);
+    for (i, (c, t)) in c.chunks_exact_mut(n).zip(t.chunks_exact(n)).enumerate() {
+        for (j, (c, t)) in c.iter_mut().zip(t).enumerate() {
+            if km.bits[i * words + j / 32] >> (j % 32) & 1 == 1 {
+                *c += t;
             }
         }
     }
@@ -359,6 +410,28 @@ mod tests {
                 assert!(err < 1e-6, "m{m} n{n} k{kk} transposed {p_transposed}: {err:e}");
             }
         }
+    }
+
+    #[test]
+    fn separate_masked_low_rank_matches_f64() {
+        // The path that adds a masked rank-r term outside the GEMM (matrixmultiply, or k = 0).
+        let mut rng = TestRng::new(8);
+        let (m, n, r) = (19, 70, 5);
+        let (p, q, c0) = (rng.vec_f32(m * r), rng.vec_f32(r * n), rng.vec_f32(m * n));
+        let bits: Vec<u32> = rng.vec_f32(m * 3).iter().map(|v| v.to_bits().wrapping_mul(0x9E37_79B9)).collect();
+        let mut c = c0.clone();
+        let l = LowRank { p: &p, q: &q, r, keep: Some(KeepMask { bits: &bits, scale: 1.5 }) };
+        // SAFETY: c holds m·n elements.
+        unsafe { add_low_rank(m, n, 0.5, l, c.as_mut_ptr(), true) };
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                let kept = bits[i * 3 + j / 32] >> (j % 32) & 1 == 1;
+                let pq: f64 = (0..r).map(|t| p[i * r + t] as f64 * q[t * n + j] as f64).sum();
+                c0[e] as f64 + if kept { 0.5 * 1.5 * pq } else { 0.0 }
+            })
+            .collect();
+        assert!(rel_err(&c, &want) < 1e-6);
     }
 
     #[test]

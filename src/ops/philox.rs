@@ -127,6 +127,21 @@ impl DropoutMask {
         }
     }
 
+    /// The keep bits of a `[rows, cols]` block from its words ([`Self::fill_words`]): bit `j % 32`
+    /// of `bits[i·⌈cols/32⌉ + j/32]` is set iff element `(i, j)` is kept (the layout of
+    /// [`crate::ops::matmul::KeepMask`]); bits past `cols` are clear.
+    pub fn keep_bits(&self, words: &[u32], cols: usize, bits: &mut [u32]) {
+        let t = self.threshold;
+        let per_row = cols.div_ceil(32);
+        crate::ops::simd::with_simd(|| {
+            for (row, out) in words.chunks_exact(cols).zip(bits.chunks_exact_mut(per_row)) {
+                for (group, out) in row.chunks(32).zip(out.iter_mut()) {
+                    *out = group.iter().enumerate().fold(0u32, |acc, (b, &w)| acc | ((w >= t) as u32) << b);
+                }
+            }
+        });
+    }
+
     /// Dropout of `x` by words from [`Self::fill_words`]: `out[i] = drop(x)[i]`, or
     /// `out[i] += drop(x)[i]` with `accumulate` (the words can then serve several tensors).
     pub fn apply_words(&self, words: &[u32], x: &[f32], out: &mut [f32], accumulate: bool) {

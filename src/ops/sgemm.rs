@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 
 /// Rows of the micro-kernel's tile of `C`.
 const MR: usize = 12;
-/// Columns of the micro-kernel's tile (two AVX-512 vectors).
+/// Columns of the micro-kernel's tile (two AVX-512 vectors; one 32-bit word of [`KeepBits`]).
 const NR: usize = 32;
 /// Depth of a packed slice: one `B` strip (`KC × NR`, 32 KiB) stays in L1 across a row block.
 const KC: usize = 256;
@@ -66,11 +66,25 @@ impl Strided {
 /// `P [m, k]` row-major (`cs = 1`) and `Q [k, n]`. Its `k` steps run after the last slice of
 /// `A·B` on the accumulators still in registers, so the sum costs no extra pass over `C`: the
 /// LoRA linear's `x·W0ᵀ + S·(s·B)ᵀ` as one GEMM over `[x | S]·[W0 | s·B]ᵀ`.
+///
+/// With `keep`, the term is masked: `C = α·(A·B + keep ⊙ scale·(P·Q)) + β·C`. Its steps then run
+/// first, on zeroed accumulators that are masked before the first slice of `A·B` adds on: the
+/// LoRA backward's `dx = dy·W0 + drop'(dS·A)` with the dropout mask as bits, never as floats.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Extension {
     pub p: Strided,
     pub q: Strided,
     pub k: usize,
+    pub keep: Option<KeepBits>,
+}
+
+/// A 0/1 mask over `C [m, n]`, as bits: element `(i, j)` is kept iff bit `j % 32` of
+/// `bits[i·words_per_row + j / 32]` is set; kept elements are multiplied by `scale`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeepBits {
+    pub bits: *const u32,
+    pub words_per_row: usize,
+    pub scale: f32,
 }
 
 /// Raw pointers shared by the worker threads; every thread writes a disjoint part of `C` and of
@@ -202,15 +216,20 @@ unsafe fn sgemm_panel(
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
         let beta = if pc == 0 { beta } else { 1.0 };
-        // The extension joins the last slice: its Q rows follow B's in each packed strip.
-        let k2 = ext.filter(|_| pc + kc == k).map_or(0, |e| e.k);
+        // The extension joins the last slice, its Q rows after B's in each packed strip; a masked
+        // one joins the first slice, its Q rows first.
+        let keep = ext.and_then(|e| e.keep);
+        let k2 = ext.filter(|_| if keep.is_some() { pc == 0 } else { pc + kc == k }).map_or(0, |e| e.k);
+        let keep = keep.filter(|_| k2 > 0);
         let depth = kc + k2;
         with_buffer(&B_PACK, (s1 - s0) * NR * depth, |bpack| {
             for (s, strip) in (s0..s1).zip(bpack.chunks_mut(NR * depth)) {
                 let cols = (n - s * NR).min(NR);
-                pack_b(kc, cols, Strided { ptr: b.ptr.offset(pc as isize * b.rs), ..b }, s * NR, &mut strip[..kc * NR]);
+                let (b_at, q_at) = if keep.is_some() { (k2 * NR, 0) } else { (0, kc * NR) };
+                let b_slice = Strided { ptr: b.ptr.offset(pc as isize * b.rs), ..b };
+                pack_b(kc, cols, b_slice, s * NR, &mut strip[b_at..b_at + kc * NR]);
                 if let Some(e) = ext.filter(|_| k2 > 0) {
-                    pack_b(k2, cols, e.q, s * NR, &mut strip[kc * NR..]);
+                    pack_b(k2, cols, e.q, s * NR, &mut strip[q_at..q_at + k2 * NR]);
                 }
             }
             for i0 in (r0..r1).step_by(MC) {
@@ -227,10 +246,13 @@ unsafe fn sgemm_panel(
                                 Some(e) if k2 > 0 => (e.p.ptr.offset((i0 + ir) as isize * e.p.rs), e.p.rs as usize, k2),
                                 _ => (std::ptr::null(), 0, 0),
                             };
+                            // The tile's first row's mask word for columns j .. j + 32 (j = 32·s).
+                            let kb =
+                                keep.map(|m| (m.bits.add((i0 + ir) * m.words_per_row + s), m.words_per_row, m.scale));
                             if direct_a {
-                                kernel::<true>((strip_a(q), a.rs as usize, kc), p, bs, cp, ldc, tile, alpha, beta);
+                                kernel::<true>((strip_a(q), a.rs as usize, kc), p, kb, bs, cp, ldc, tile, alpha, beta);
                             } else {
-                                kernel::<false>((strip_a(q), MR, kc), p, bs, cp, ldc, tile, alpha, beta);
+                                kernel::<false>((strip_a(q), MR, kc), p, kb, bs, cp, ldc, tile, alpha, beta);
                             }
                         }
                     }
@@ -412,7 +434,10 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 /// `C[tile] = α·(Aₛ·Bₛ + Pₛ·Qₛ) + β·C[tile]` for one `MR × NR` tile (`tile = (rows, cols)`
 /// valid, the rest masked off). `a = (ptr, lda, kc)`: an `A` strip, packed (`DIRECT = false`,
 /// element `(i, p)` at `ptr[p·MR + i]`) or row-major in place (`ptr[i·lda + p]`); `p = (ptr,
-/// ldp, k2)`: the extension's rows, row-major; `b`: the `B` strip, `kc + k2` steps of `NR`.
+/// ldp, k2)`: the extension's rows, row-major; `b`: the `B` strip, `kc + k2` steps of `NR`
+/// (`Q`'s `k2` after `B`'s, or before them when `keep` is given). `keep = (bits, words_per_row,
+/// scale)`: the masked extension ([`KeepBits`]; `bits` points at the tile's first row's word),
+/// whose term is computed first and masked in registers.
 ///
 /// # Safety
 /// AVX-512F; the strips hold their steps; `C` holds the valid part of the tile at stride `ldc`.
@@ -422,6 +447,7 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 unsafe fn kernel<const DIRECT: bool>(
     (a, lda, kc): (*const f32, usize, usize),
     (p_ptr, ldp, k2): (*const f32, usize, usize),
+    keep: Option<(*const u32, usize, f32)>,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -430,31 +456,38 @@ unsafe fn kernel<const DIRECT: bool>(
     beta: f32,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // `steps` steps of the strip at `b` on the rows `row[i] + p·step`.
+    macro_rules! steps {
+        ($row:expr, $step:expr, $b:expr, $steps:expr) => {
+            for p in 0..$steps {
+                let b0 = _mm512_load_ps($b.add(p * NR));
+                let b1 = _mm512_load_ps($b.add(p * NR + 16));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai = _mm512_set1_ps(*$row[i].add(p * $step));
+                    acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+                }
+            }
+        };
+    }
     // Element (i, p) of the A strip: packed at a[p·MR + i]; direct (row-major A, unpacked) at
     // a[i·lda + p], rows past the tile reading the last valid row (their results are not stored).
     let row: [*const f32; MR] = std::array::from_fn(|i| if DIRECT { a.add(i.min(rows - 1) * lda) } else { a.add(i) });
-    let step = if DIRECT { 1 } else { MR };
-    for p in 0..kc {
-        let b0 = _mm512_load_ps(b.add(p * NR));
-        let b1 = _mm512_load_ps(b.add(p * NR + 16));
+    let p_row: [*const f32; MR] = std::array::from_fn(|i| p_ptr.wrapping_add(i.min(rows - 1) * ldp));
+    let mut b_main = b;
+    if let Some((bits, words_per_row, scale)) = keep {
+        steps!(p_row, 1, b, k2);
+        let scale = _mm512_set1_ps(scale);
         for (i, acc) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(*row[i].add(p * step));
-            acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
+            let word = *bits.add(i.min(rows - 1) * words_per_row);
+            acc[0] = _mm512_maskz_mul_ps(word as __mmask16, acc[0], scale);
+            acc[1] = _mm512_maskz_mul_ps((word >> 16) as __mmask16, acc[1], scale);
         }
+        b_main = b.add(k2 * NR);
     }
-    if k2 > 0 {
-        let row: [*const f32; MR] = std::array::from_fn(|i| p_ptr.add(i.min(rows - 1) * ldp));
-        let b = b.add(kc * NR);
-        for p in 0..k2 {
-            let b0 = _mm512_load_ps(b.add(p * NR));
-            let b1 = _mm512_load_ps(b.add(p * NR + 16));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*row[i].add(p));
-                acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
-            }
-        }
+    steps!(row, if DIRECT { 1 } else { MR }, b_main, kc);
+    if keep.is_none() && k2 > 0 {
+        steps!(p_row, 1, b.add(kc * NR), k2);
     }
     let masks: [__mmask16; 2] = [lane_mask(cols), lane_mask(cols.saturating_sub(16))];
     let (va, vb) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
@@ -486,6 +519,7 @@ unsafe fn pack_a(_: usize, _: usize, _: Strided, _: &mut [f32]) {
 unsafe fn kernel<const DIRECT: bool>(
     _: (*const f32, usize, usize),
     _: (*const f32, usize, usize),
+    _: Option<(*const u32, usize, f32)>,
     _: *const f32,
     _: *mut f32,
     _: usize,
@@ -537,22 +571,38 @@ mod tests {
         // (m, n, k, k2): around every blocking size (MR = 12, NR = 32 and its 16-lane halves,
         // KC = 256, MC = 192, NC = 1024), a single element, a row count too small to split, and
         // an extension (k2 > 0) on one slice or after several.
+        // Odd cases mask their extension (the first slice then carries it).
         let shapes = [
             (1, 1, 1, 0),
-            (13, 33, 7, 3),
-            (25, 17, 300, 0),
             (200, 1030, 20, 16),
+            (13, 33, 7, 3),
             (5, 40, 513, 8),
-            (24, 64, 256, 0),
-            (390, 9, 3, 1),
             (37, 800, 260, 5),
+            (390, 9, 3, 1),
+            (24, 64, 256, 0),
+            (25, 17, 300, 0),
         ];
-        for (m, n, k, k2) in shapes {
+        for (case, (m, n, k, k2)) in shapes.into_iter().enumerate() {
             let (pd, qd) = (rng.vec_f32(m * k2), rng.vec_f32(k2 * n));
+            // Random keep bits (about 3 in 4 kept), scale 1.25.
+            let words = n.div_ceil(32);
+            let word = |v: &f32| v.to_bits().wrapping_mul(0x9E37_79B9);
+            let bits: Vec<u32> = rng.vec_f32(2 * m * words).chunks(2).map(|p| word(&p[0]) | word(&p[1])).collect();
+            let masked = case % 2 == 1;
+            let kept = |i: usize, j: usize| {
+                if !masked {
+                    1.0
+                } else if bits[i * words + j / 32] >> (j % 32) & 1 == 1 {
+                    1.25
+                } else {
+                    0.0
+                }
+            };
             let ext = (k2 > 0).then_some(Extension {
                 p: Strided { ptr: pd.as_ptr(), rs: k2 as isize, cs: 1 },
                 q: Strided { ptr: qd.as_ptr(), rs: n as isize, cs: 1 },
                 k: k2,
+                keep: masked.then_some(KeepBits { bits: bits.as_ptr(), words_per_row: words, scale: 1.25 }),
             });
             for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
                 let (ad, bd) = (rng.vec_f32(m * k), rng.vec_f32(k * n));
@@ -579,7 +629,8 @@ mod tests {
                         for j in 0..n {
                             // SAFETY: (i, p) and (p, j) lie inside A and B.
                             let dot: f64 = (0..k).map(|p| unsafe { a.at(i, p) as f64 * b.at(p, j) as f64 }).sum();
-                            let low: f64 = (0..k2).map(|p| pd[i * k2 + p] as f64 * qd[p * n + j] as f64).sum();
+                            let low: f64 =
+                                (0..k2).map(|p| pd[i * k2 + p] as f64 * qd[p * n + j] as f64).sum::<f64>() * kept(i, j);
                             let old = if beta == 0.0 { 0.0 } else { beta as f64 * c0[i * ldc + j] as f64 };
                             let want = alpha as f64 * (dot + low) + old;
                             num += (c[i * ldc + j] as f64 - want).powi(2);
@@ -593,7 +644,7 @@ mod tests {
                     let err = (num / den).sqrt();
                     assert!(
                         err < 1e-6,
-                        "m{m} n{n} k{k}+{k2} aT{a_t} bT{b_t} threads {threads} α{alpha} β{beta}: {err:e}"
+                        "m{m} n{n} k{k}+{k2} masked {masked} aT{a_t} bT{b_t} threads {threads} α{alpha} β{beta}: {err:e}"
                     );
                 }
             }
