@@ -14,7 +14,8 @@
 //! 175 GFLOP/s single-core FMA peak here). Work per call: `2·m·n·(k + r)` FLOPs. Bytes: `A`
 //! read once per `NC` columns of a thread's block, `B` once per thread that needs its columns,
 //! the packed copies written once each, `C` written once per `KC` slice (and read when
-//! `β ≠ 0` or after the first slice); `P·Q` adds `r` steps to the last slice, no pass over `C`.
+//! `β ≠ 0` or after the first slice); `P·Q` adds `r` steps to the last slice (to the first,
+//! masked by one bit per element of `C`, with a [`KeepBits`] mask), no pass over `C`.
 
 use super::simd::AlignedBuf;
 use rayon::prelude::*;
@@ -128,8 +129,9 @@ fn with_buffer<R>(
 /// reads `C`. Requires [`available`] and `k > 0` (the caller scales `C` by `β` when `k = 0`).
 ///
 /// # Safety
-/// The operands must hold their matrices, `C` must be valid for writes of `m` rows of `n` at
-/// stride `ldc` (and reads when `β ≠ 0`), and the CPU must support AVX-512F.
+/// The operands must hold their matrices (a masked extension's bits `m` rows of
+/// `words_per_row ≥ ⌈n/32⌉` words), `C` must be valid for writes of `m` rows of `n` at stride
+/// `ldc` (and reads when `β ≠ 0`), and the CPU must support AVX-512F.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm(
     m: usize,
