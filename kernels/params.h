@@ -19,9 +19,9 @@ typedef __nv_bfloat16 lf_bf16;
 #endif
 
 /// C = alpha · op(A)·op(B), bf16 inputs, f32 accumulation; op and output dtype by kernel name
-/// (kernels/gemm.cu): gemm_bf16_* C = A·Bᵀ with A [M, lda≥K], B [N, ldb≥K];
-/// gemm_bf16_nn_* C = A·B with B [K, ldb≥N]; gemm_bf16_tn_* C = Aᵀ·B with A [K, lda≥M].
-/// C: [M, ldc ≥ N].
+/// (kernels/gemm.cu): gemm_bf16_* C = A·Bᵀ with A `[M, lda≥K]`, B `[N, ldb≥K]`;
+/// gemm_bf16_nn_* C = A·B with B `[K, ldb≥N]`; gemm_bf16_tn_* C = Aᵀ·B with A `[K, lda≥M]`.
+/// C: `[M, ldc ≥ N]`.
 typedef struct GemmParams {
     const lf_bf16* a;
     const lf_bf16* b;
@@ -47,10 +47,10 @@ typedef struct DropoutParams {
 
 /// LoRA linear forward, y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ col_scale)·Bᵀ, kernels lora_down_rt*,
 /// lora_fwd_split_*, lora_fwd_fused_*.
-/// x [M,K], w0 [N,K], a [R,K] (R = Σ ranks of stacked targets), b [N,R] (for one target);
-/// col_scale [R] = alpha/r (or alpha/√r) per column of S.
-/// Outputs: s [M,R] f32 = drop(x)·Aᵀ (saved for backward), s_scaled [M,R] bf16 = S ⊙ col_scale,
-/// y [M,N] (f32 or bf16 by kernel name). lora_fwd_split reads s_scaled written by lora_down_rt*.
+/// x `[M,K]`, w0 `[N,K]`, a `[R,K]` (R = Σ ranks of stacked targets), b `[N,R]` (for one target);
+/// col_scale `[R]` = alpha/r (or alpha/√r) per column of S.
+/// Outputs: s `[M,R]` f32 = drop(x)·Aᵀ (saved for backward), s_scaled `[M,R]` bf16 = S ⊙ col_scale,
+/// y `[M,N]` (f32 or bf16 by kernel name). lora_fwd_split reads s_scaled written by lora_down_rt*.
 typedef struct LoraForwardParams {
     const lf_bf16* x;
     const lf_bf16* w0;
@@ -68,12 +68,12 @@ typedef struct LoraForwardParams {
 } LoraForwardParams;
 
 /// LoRA linear backward, kernels lora_bwd_*. Inputs as in the forward plus
-/// s_scaled [M,R] (saved), dy [M,N]. Outputs:
-///   ds [M,R] bf16 = (dy·B) ⊙ col_scale, and the partials of dB [N,R] = dyᵀ·s_scaled into
-///     `workspace`, one [N,R] f32 slab per 128 rows of M                  (lora_bwd_ds_db)
-///   partials of dA [R,K] = dsᵀ·(mask⊙x) into `workspace`, one [R,K] slab per K-split of
+/// s_scaled `[M,R]` (saved), dy `[M,N]`. Outputs:
+///   ds `[M,R]` bf16 = (dy·B) ⊙ col_scale, and the partials of dB `[N,R]` = dyᵀ·s_scaled into
+///     `workspace`, one `[N,R]` f32 slab per 128 rows of M                  (lora_bwd_ds_db)
+///   partials of dA `[R,K]` = dsᵀ·(mask⊙x) into `workspace`, one `[R,K]` slab per K-split of
 ///     `split_rows` rows (a multiple of 64)                               (lora_bwd_da_rt*)
-///   dx [M,K] = drop'(ds·A) + dy·W0 (f32 or bf16 by kernel name)          (lora_bwd_dx_*)
+///   dx `[M,K]` = drop'(ds·A) + dy·W0 (f32 or bf16 by kernel name)          (lora_bwd_dx_*)
 /// Partials are summed by splitk_reduce.
 typedef struct LoraBackwardParams {
     const lf_bf16* x;
@@ -94,7 +94,7 @@ typedef struct LoraBackwardParams {
     DropoutParams dropout;
 } LoraBackwardParams;
 
-/// out[i] = scale · Σ_z partial[z·len + i] for i < len, z < splits, summed in z order
+/// `out[i]` = scale · Σ_z `partial[z·len + i]` for i < len, z < splits, summed in z order
 /// (deterministic, unlike f32 atomics).
 typedef struct SplitKReduceParams {
     const float* partial;
@@ -116,8 +116,8 @@ typedef struct SimtSelftestParams {
 } SimtSelftestParams;
 
 /// Elementwise kernels of the unfused (PEFT-style) LoRA baseline, kernels/elementwise.cu:
-///   dropout_bf16:     out[i] = bf16(mask_i · x[i])                  (x, out bf16; materialized)
-///   masked_axpy_f32:  out[i] = base[i] + alpha · mask_i · x[i]      (x, base, out f32;
+///   dropout_bf16:     `out[i]` = bf16(mask_i · `x[i]`)                  (x, out bf16; materialized)
+///   masked_axpy_f32:  `out[i]` = `base[i]` + alpha · mask_i · `x[i]`      (x, base, out f32;
 ///                                                                    base may be null: 0)
 /// mask_i = 0 or dropout.scale (Philox, element i), or 1 when dropout.threshold = 0.
 typedef struct ElementwiseParams {
@@ -130,10 +130,10 @@ typedef struct ElementwiseParams {
 } ElementwiseParams;
 
 /// An NF4 weight as the kernels read it (bitsandbytes layout, SPECS.md B; kernels/nf4.cuh):
-/// n elements (row-major flat), `packed` [ceil(n/2)] bytes (even element in the high nibble),
-/// blocks of 2^blocksize_log2 elements (32…4096). Block scales: f32 `absmax` [nblocks] when
-/// `absmax_code` is null; else double-quantized: `absmax_code` u8 [nblocks], `nested_absmax`
-/// f32 [ceil(nblocks / 2^nested_log2)], `nested_map` f32 [256], `nested_offset`, with
+/// n elements (row-major flat), `packed` `[ceil(n/2)]` bytes (even element in the high nibble),
+/// blocks of 2^blocksize_log2 elements (32…4096). Block scales: f32 `absmax` `[nblocks]` when
+/// `absmax_code` is null; else double-quantized: `absmax_code` u8 `[nblocks]`, `nested_absmax`
+/// f32 `[ceil(nblocks / 2^nested_log2)]`, `nested_map` f32 `[256]`, `nested_offset`, with
 /// 2^(blocksize_log2 + nested_log2) ≥ 1024.
 typedef struct Nf4Weight {
     const unsigned char* packed;
@@ -147,13 +147,13 @@ typedef struct Nf4Weight {
     long long n;
 } Nf4Weight;
 
-/// NF4 → bf16 dequantization, kernel nf4_dequant_bf16 (kernels/nf4.cu): out [w.n] bf16.
+/// NF4 → bf16 dequantization, kernel nf4_dequant_bf16 (kernels/nf4.cu): out `[w.n]` bf16.
 typedef struct Nf4DequantParams {
     Nf4Weight w;
     lf_bf16* out;
 } Nf4DequantParams;
 
-/// QLoRA linear with W0 [N,K] dequantized tile by tile inside the GEMM main loop (kernels
+/// QLoRA linear with W0 `[N,K]` dequantized tile by tile inside the GEMM main loop (kernels
 /// qlora_fwd_split_*, qlora_bwd_dx_* in kernels/lora.cu): the LoRA parameters (lora.w0 unused)
 /// plus the NF4 W0 (w0.n = N·K).
 typedef struct QloraForwardParams {

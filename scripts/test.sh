@@ -82,6 +82,8 @@ phase build cargo build --release
 # The ptxas resource table (registers, shared memory, spills per kernel and architecture).
 phase info cargo run --release --quiet -- info
 phase test cargo test --release
+# API docs: shapes like [M,K] in doc comments must sit in code spans, or rustdoc reads them as links.
+phase docs env RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
 
 echo "==> timings"
 printf '  %s\n' "${timings[@]}"

@@ -21,11 +21,11 @@ pub const THREADS: u32 = 256;
 /// How the operands are stored (all row-major, `ld` elements between rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmLayout {
-    /// `C = A·Bᵀ`: A [M,K], B [N,K] — a linear layer's forward.
+    /// `C = A·Bᵀ`: A `[M,K]`, B `[N,K]` — a linear layer's forward.
     Nt,
-    /// `C = A·B`: A [M,K], B [K,N] — `dx = dy·W`.
+    /// `C = A·B`: A `[M,K]`, B `[K,N]` — `dx = dy·W`.
     Nn,
-    /// `C = Aᵀ·B`: A [K,M], B [K,N] — `dW = dyᵀ·x`.
+    /// `C = Aᵀ·B`: A `[K,M]`, B `[K,N]` — `dW = dyᵀ·x`.
     Tn,
 }
 
@@ -138,7 +138,7 @@ pub unsafe fn launch_gemm(
     dev.launch(&kernel, &cfg, ParamBytes::new(&params))
 }
 
-/// `C = A·Bᵀ` for A [M,K] and B [N,K] bf16 tensors on the same backend; C [M,N] in `out` dtype.
+/// `C = A·Bᵀ` for A `[M,K]` and B `[N,K]` bf16 tensors on the same backend; C `[M,N]` in `out` dtype.
 ///
 /// On a device this runs the tensor-core kernel; on the CPU, the CPU backend's f32 GEMM
 /// ([`matmul::gemm_new`]) on the bf16 values widened to f32.

@@ -29,8 +29,8 @@ pub fn fused_smem_bytes(r: usize, dropout: bool) -> u32 {
     (gemm_tiles + a_tile + s_acc + x_dropped) as u32
 }
 
-/// Fused forward, single-pass strategy: y [M,N] (`out`: f32 or bf16), S [M,R] f32 and
-/// s_scaled [M,R] bf16, from one kernel launch that reads x once per N-tile like the base GEMM.
+/// Fused forward, single-pass strategy: y `[M,N]` (`out`: f32 or bf16), S `[M,R]` f32 and
+/// s_scaled `[M,R]` bf16, from one kernel launch that reads x once per N-tile like the base GEMM.
 /// No mask, dropped copy of x, or S round trip goes through global memory.
 ///
 /// Errors: the shape errors of the split strategy, and R > [`FUSED_MAX_RANK`].

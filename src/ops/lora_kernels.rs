@@ -1,7 +1,7 @@
 //! Launch code for the LoRA kernels of `kernels/lora.cu` (forward: split strategy; backward:
 //! dS and dB from one pass over dy, dA, dx), on any [`Device`]. The CPU reference is [`crate::ops::lora`].
 //!
-//! Shapes: x [M,K], W0 [N,K], A [R,K], B [N,R] (bf16); `col_scale` [R] f32 = alpha/r (or
+//! Shapes: x `[M,K]`, W0 `[N,K]`, A `[R,K]`, B `[N,R]` (bf16); `col_scale` `[R]` f32 = alpha/r (or
 //! alpha/√r) per column of S, so several targets stacked along R keep their own scale.
 
 use crate::device::params::{
@@ -40,14 +40,14 @@ pub fn rank_tile(r: usize) -> usize {
     RANK_TILES.into_iter().find(|&t| r <= t).unwrap_or(64)
 }
 
-/// Launches `lora_down_rt{W}` (W = [`rank_tile`]`(R)`): `p.s` [M,R] f32 = drop(x)·Aᵀ (dropout's
+/// Launches `lora_down_rt{W}` (W = [`rank_tile`]`(R)`): `p.s` `[M,R]` f32 = drop(x)·Aᵀ (dropout's
 /// 0/1 mask applied to x tiles on their way to shared memory, 1/(1-p) to the f32 result) and
-/// `p.s_scaled` [M,R] bf16 = S ⊙ col_scale. Grid (⌈R/W⌉, ⌈M/128⌉). Reads x, a, col_scale, m, k,
+/// `p.s_scaled` `[M,R]` bf16 = S ⊙ col_scale. Grid (⌈R/W⌉, ⌈M/128⌉). Reads x, a, col_scale, m, k,
 /// r, dropout of `p`.
 ///
 /// # Safety
-/// As [`Device::launch`]: `p.x` [M,K], `p.a` [R,K] (bf16), `p.col_scale` [R] f32 and the
-/// outputs `p.s` [M,R] f32, `p.s_scaled` [M,R] bf16 must be live device memory.
+/// As [`Device::launch`]: `p.x` `[M,K]`, `p.a` `[R,K]` (bf16), `p.col_scale` `[R]` f32 and the
+/// outputs `p.s` `[M,R]` f32, `p.s_scaled` `[M,R]` bf16 must be live device memory.
 pub unsafe fn launch_down(dev: &dyn Device, p: &LoraForwardParams) -> Result<()> {
     let (m, r) = (p.m.max(0) as usize, p.r.max(0) as usize);
     if m == 0 || r == 0 {
@@ -63,12 +63,12 @@ pub unsafe fn launch_down(dev: &dyn Device, p: &LoraForwardParams) -> Result<()>
 }
 
 /// Launches `lora_bwd_da_rt{W}` (W = [`rank_tile`]`(R)`): into `p.workspace`, slab z of
-/// ⌈M/split_rows⌉ = ds[rows]ᵀ·(mask⊙x)[rows] [R,K] f32 over rows `split_rows`·z.. of M (the
+/// ⌈M/split_rows⌉ = `ds[rows]ᵀ·(mask⊙x)[rows]` `[R,K]` f32 over rows `split_rows`·z.. of M (the
 /// 1/(1-p) is left to `splitk_reduce`'s scale). Grid (⌈K/128⌉, ⌈R/W⌉, splits). Reads x, ds,
 /// m, k, r, split_rows, dropout of `p`.
 ///
 /// # Safety
-/// As [`Device::launch`]: `p.x` [M,K], `p.ds` [M,R] (bf16) and `p.workspace`
+/// As [`Device::launch`]: `p.x` `[M,K]`, `p.ds` `[M,R]` (bf16) and `p.workspace`
 /// (⌈M/split_rows⌉·R·K f32) must be live device memory; `p.split_rows` > 0.
 pub unsafe fn launch_bwd_da(dev: &dyn Device, p: &LoraBackwardParams) -> Result<()> {
     let (m, k, r) = (p.m.max(0) as usize, p.k.max(0) as usize, p.r.max(0) as usize);
@@ -84,20 +84,20 @@ pub unsafe fn launch_bwd_da(dev: &dyn Device, p: &LoraBackwardParams) -> Result<
     dev.launch(&format!("lora_bwd_da_rt{w}"), &cfg, ParamBytes::new(p))
 }
 
-/// The number of [N,R] f32 dB partial slabs `lora_bwd_ds_db` writes for M rows.
+/// The number of `[N,R]` f32 dB partial slabs `lora_bwd_ds_db` writes for M rows.
 pub fn ds_db_splits(m: usize) -> usize {
     m.div_ceil(DS_DB_ROWS)
 }
 
-/// Launches `lora_bwd_ds_db`: from one read of dy, `p.ds` [M,R] bf16 = (dy·B) ⊙ col_scale
+/// Launches `lora_bwd_ds_db`: from one read of dy, `p.ds` `[M,R]` bf16 = (dy·B) ⊙ col_scale
 /// (bit-identical to a GEMM of dy·B, then scaled and rounded) and, into `p.workspace`, slab z of
-/// [`ds_db_splits`]`(M)` = dy[rows]ᵀ·s_scaled[rows] [N,R] f32 over rows 128z..128z+127 of M, for
+/// [`ds_db_splits`]`(M)` = `dy[rows]ᵀ·s_scaled[rows]` `[N,R]` f32 over rows 128z..128z+127 of M, for
 /// `splitk_reduce` to sum in z order (deterministic, no atomics). Reads `dy`, `b`, `s_scaled`,
 /// `col_scale` and the sizes m, n, r of `p`; nothing else. Any R: blocks take 64 columns each.
 ///
 /// # Safety
-/// As [`Device::launch`]: `p.dy` [M,N], `p.b` [N,R], `p.s_scaled` [M,R] (bf16), `p.col_scale`
-/// [R] f32 and the outputs `p.ds` [M,R] bf16 and `p.workspace` (`ds_db_splits(M)·N·R` f32) must
+/// As [`Device::launch`]: `p.dy` `[M,N]`, `p.b` `[N,R]`, `p.s_scaled` `[M,R]` (bf16), `p.col_scale`
+/// `[R]` f32 and the outputs `p.ds` `[M,R]` bf16 and `p.workspace` (`ds_db_splits(M)·N·R` f32) must
 /// be live device memory.
 pub unsafe fn launch_bwd_ds_db(dev: &dyn Device, p: &LoraBackwardParams) -> Result<()> {
     let (m, r) = (p.m.max(0) as usize, p.r.max(0) as usize);
@@ -120,13 +120,13 @@ pub(crate) fn dropout_params(m: &DropoutMask) -> DropoutParams {
 /// The frozen base weight and the adapter, as device tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct LoraWeights<'a> {
-    /// W0 [N,K] bf16.
+    /// W0 `[N,K]` bf16.
     pub w0: &'a Tensor,
-    /// A [R,K] bf16 (several targets' A stacked along R share one read of x).
+    /// A `[R,K]` bf16 (several targets' A stacked along R share one read of x).
     pub a: &'a Tensor,
-    /// B [N,R] bf16.
+    /// B `[N,R]` bf16.
     pub b: &'a Tensor,
-    /// [R] f32: the scale of each column of S (alpha/r of its target).
+    /// `[R]` f32: the scale of each column of S (alpha/r of its target).
     pub col_scale: &'a Tensor,
 }
 
@@ -261,11 +261,11 @@ pub(crate) fn out_kernel(base: &str, out: DType) -> Result<String> {
 /// What the forward returns: y, and what backward needs.
 #[derive(Debug)]
 pub struct LoraForward {
-    /// y [M,N] in the requested dtype.
+    /// y `[M,N]` in the requested dtype.
     pub y: Tensor,
-    /// S = drop(x)·Aᵀ [M,R] f32.
+    /// S = drop(x)·Aᵀ `[M,R]` f32.
     pub s: Tensor,
-    /// S ⊙ col_scale [M,R] bf16 (the operand of the up-projection and of dB).
+    /// S ⊙ col_scale `[M,R]` bf16 (the operand of the up-projection and of dB).
     pub s_scaled: Tensor,
 }
 
@@ -345,11 +345,11 @@ pub(crate) fn forward_outputs(
 /// Gradients of the LoRA linear.
 #[derive(Debug)]
 pub struct LoraGrads {
-    /// dx [M,K] in the requested dtype.
+    /// dx `[M,K]` in the requested dtype.
     pub dx: Tensor,
-    /// dA [R,K] f32.
+    /// dA `[R,K]` f32.
     pub da: Tensor,
-    /// dB [N,R] f32.
+    /// dB `[N,R]` f32.
     pub db: Tensor,
 }
 

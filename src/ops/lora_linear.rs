@@ -70,11 +70,11 @@ pub struct LoraLinear {
 /// The weights, on the backend the call runs on (f32 on the CPU, bf16 on a device).
 #[derive(Debug, Clone, Copy)]
 pub struct LoraParams<'a> {
-    /// W0 [N,K].
+    /// W0 `[N,K]`.
     pub w0: &'a Tensor,
-    /// A [r,K].
+    /// A `[r,K]`.
     pub a: &'a Tensor,
-    /// B [N,r].
+    /// B `[N,r]`.
     pub b: &'a Tensor,
 }
 

@@ -1,7 +1,7 @@
 //! Several LoRA targets that share one input (q/k/v, or gate/up) as ONE fused LoRA linear, so
 //! x is read once for all of them — by the base GEMM and by the down-projection alike.
 //!
-//! For targets t with W0_t [N_t,K], A_t [r_t,K], B_t [N_t,r_t], scale s_t:
+//! For targets t with W0_t `[N_t,K]`, A_t `[r_t,K]`, B_t `[N_t,r_t]`, scale s_t:
 //! `W0 = [W0_1; W0_2; …]` ([ΣN, K]), `A = [A_1; A_2; …]` ([ΣR, K]), `B` block-diagonal
 //! ([ΣN, ΣR], B_t at rows of t × columns of t, zeros elsewhere), `col_scale` = s_t on t's columns.
 //! Then `y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ c)·Bᵀ` holds every target's output side by side, and the
@@ -39,7 +39,7 @@ pub struct Stacked {
     pub a: Vec<f32>,
     /// B [ΣN, ΣR], block-diagonal.
     pub b: Vec<f32>,
-    /// [ΣR].
+    /// `[ΣR]`.
     pub col_scale: Vec<f32>,
     /// (row offset, column offset, n, r) of each target in the stacked output and in S.
     pub blocks: Vec<(usize, usize, usize, usize)>,

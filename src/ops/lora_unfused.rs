@@ -2,7 +2,7 @@
 //! copy of x that stays alive for backward. It is the "before" of the benches and a second,
 //! independent route to the same numbers in the tests.
 //!
-//! Forward: `xd = drop(x)` (bf16 [M,K] written), `y0 = x·W0ᵀ`, `S = xd·Aᵀ` (bf16), `y1 = S·Bᵀ`,
+//! Forward: `xd = drop(x)` (bf16 `[M,K]` written), `y0 = x·W0ᵀ`, `S = xd·Aᵀ` (bf16), `y1 = S·Bᵀ`,
 //! `y = y0 + s·y1`. Backward: `dB = s·dyᵀ·S`, `dS = s·dy·B`, `dA = dSᵀ·xd`, `dxd = dS·A`,
 //! `dx = dy·W0 + drop'(dxd)`. Seven GEMM/elementwise launches forward, seven backward.
 
@@ -21,11 +21,11 @@ unsafe impl KernelParams for ElementwiseParams {}
 /// What the unfused forward keeps for backward: the dropped copy of x and S.
 #[derive(Debug)]
 pub struct UnfusedForward {
-    /// y [M,N] f32.
+    /// y `[M,N]` f32.
     pub y: Tensor,
-    /// drop(x) [M,K] bf16, materialized (None when p = 0: PEFT then uses x itself).
+    /// drop(x) `[M,K]` bf16, materialized (None when p = 0: PEFT then uses x itself).
     pub x_dropped: Option<Tensor>,
-    /// S = drop(x)·Aᵀ [M,R] bf16.
+    /// S = drop(x)·Aᵀ `[M,R]` bf16.
     pub s: Tensor,
 }
 
@@ -125,7 +125,7 @@ pub fn lora_forward_unfused(
     Ok(UnfusedForward { y, x_dropped, s: s_t })
 }
 
-/// Unfused backward: (dx f32 [M,K], dA f32 [R,K], dB f32 [N,R]).
+/// Unfused backward: (dx f32 `[M,K]`, dA f32 `[R,K]`, dB f32 `[N,R]`).
 pub fn lora_backward_unfused(
     dev: &Arc<dyn Device>,
     x: &Tensor,

@@ -9,7 +9,7 @@
 //! - [`QloraArrangement::Fused`]: the `qlora_*` kernels dequantize each 128×64 W0 tile on its way
 //!   to shared memory (`Nf4Operand`, `kernels/nf4.cuh`), so no bf16 W0 exists at all.
 //!
-//! Global traffic for W0 [N,K] (blocksize 64, double quant; simulator counters in
+//! Global traffic for W0 `[N,K]` (blocksize 64, double quant; simulator counters in
 //! `tests/nf4_sim.rs`): Scratch moves ≈ 2.52·N·K bytes for the dequant plus 2·N·K per M-tile
 //! row of the GEMM (each of the ⌈M/128⌉ CTA rows reads all of W0); Fused reads ≈ 0.58·N·K per
 //! M-tile row and nothing else. Fused therefore wins when ⌈M/128⌉ is small (decode-like and
@@ -186,17 +186,17 @@ pub enum QloraArrangement {
 /// The LoRA adapter of a QLoRA linear (device tensors, as in [`crate::ops::lora_kernels::LoraWeights`] without W0).
 #[derive(Debug, Clone, Copy)]
 pub struct QloraAdapter<'a> {
-    /// A [R,K] bf16.
+    /// A `[R,K]` bf16.
     pub a: &'a Tensor,
-    /// B [N,R] bf16.
+    /// B `[N,R]` bf16.
     pub b: &'a Tensor,
-    /// [R] f32: alpha/r of each column of S.
+    /// `[R]` f32: alpha/r of each column of S.
     pub col_scale: &'a Tensor,
 }
 
-/// A LoRA linear over a frozen NF4 base weight W0 [N,K]: y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ c)·Bᵀ and its
+/// A LoRA linear over a frozen NF4 base weight W0 `[N,K]`: y = x·W0ᵀ + (drop(x)·Aᵀ ⊙ c)·Bᵀ and its
 /// backward, with W0 dequantized per call ([`QloraArrangement`]). Owns the uploaded weight and,
-/// for [`QloraArrangement::Scratch`], one bf16 [N,K] scratch buffer reused by every call.
+/// for [`QloraArrangement::Scratch`], one bf16 `[N,K]` scratch buffer reused by every call.
 #[derive(Debug)]
 pub struct QloraLinear {
     dev: Arc<dyn Device>,

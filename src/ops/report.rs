@@ -23,7 +23,7 @@ pub struct ReportRow {
 }
 
 /// Runs base GEMM, fused (split, single pass) and unfused LoRA forward, backward and
-/// forward+backward in the simulator on x [m,k], W0 [n,k], rank r, dropout p, and returns their
+/// forward+backward in the simulator on x `[m,k]`, W0 `[n,k]`, rank r, dropout p, and returns their
 /// counters. The fused backward reads dy once for dS and dB (`lora_bwd_ds_db`), then once more
 /// in the dx GEMM that dy·W0 needs anyway.
 pub fn lora_traffic(m: usize, n: usize, k: usize, r: usize, p: f32) -> Result<Vec<ReportRow>> {

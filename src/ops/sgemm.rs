@@ -2,7 +2,7 @@
 //! has AVX-512 ([`crate::ops::matmul`] falls back to `matrixmultiply` elsewhere).
 //!
 //! `C[m,n] = α·(A[m,k]·B[k,n] + P[m,r]·Q[r,n]) + β·C`, operands at any strides, the rank-`r`
-//! term optional ([`Extension`]). BLIS's loop order inside each thread's block of `C`: per
+//! term optional (`Extension`). BLIS's loop order inside each thread's block of `C`: per
 //! `NC` columns and `KC`-deep slice, `B` is packed into `NR`-wide strips, then per `MC` rows of
 //! `A` (packed with 16 × 16 register transposes, or read in place when `C` is narrow) the
 //! `MR × NR` micro-kernel runs over every strip and row tile. Threads split the columns (or the
@@ -15,7 +15,7 @@
 //! read once per `NC` columns of a thread's block, `B` once per thread that needs its columns,
 //! the packed copies written once each, `C` written once per `KC` slice (and read when
 //! `β ≠ 0` or after the first slice); `P·Q` adds `r` steps to the last slice (to the first,
-//! masked by one bit per element of `C`, with a [`KeepBits`] mask), no pass over `C`.
+//! masked by one bit per element of `C`, with a `KeepBits` mask), no pass over `C`.
 
 use super::simd::AlignedBuf;
 use rayon::prelude::*;

@@ -113,7 +113,7 @@ pub(crate) fn par_new(n: usize, grain: usize, f: impl Fn(usize, &mut [std::mem::
     v
 }
 
-/// `n` zeros, written in parallel (see [`par_new`]).
+/// `n` zeros, written in parallel (see `par_new`).
 pub fn par_zeros(n: usize) -> Vec<f32> {
     par_new(n, PAR_GRAIN, |_, c| c.iter_mut().for_each(|x| _ = x.write(0.0)))
 }
