@@ -27,6 +27,8 @@ fn fused_lora_matches_f64_reference_on_ragged_shapes() {
         Case { m: 130, n: 40, k: 136, r: 8, p: 0.5 },
         Case { m: 70, n: 129, k: 64, r: 16, p: 0.1 },
         Case { m: 40, n: 50, k: 30, r: 64, p: 0.5 },
+        // 40 = two whole k16 steps and half of a third: the up-projections' short K-step.
+        Case { m: 45, n: 70, k: 48, r: 40, p: 0.1 },
     ];
     for (i, c) in cases.iter().enumerate() {
         run_case(&dev, c, i as u64 + 1);
