@@ -159,9 +159,9 @@ fn rm(d: &[f32], cols: usize) -> View<'_> {
 
 crate::simd_fn! {
     /// `S = xd·Aᵀ` for one chunk of rows into `s [rows, r]`; `xd` is the chunk's `drop(x)`
-    /// `[rows, k]`, `at = Aᵀ [k, r]`.
-    fn down_chunk(xd: &[f32], k: usize, at: &[f32], s: &mut [f32]) {
-        let r = at.len() / k;
+    /// `[rows, k]`, `at = Aᵀ [k, r]` (dims = `(k, r)`).
+    fn down_chunk(xd: &[f32], dims: (usize, usize), at: &[f32], s: &mut [f32]) {
+        let (k, r) = dims;
         let rows = s.len() / r;
         skinny_gemm(rows, r, k, rm(xd, k), rm(at, r), &mut |i, j0, v| s[i * r + j0..][..v.len()].copy_from_slice(v));
     }
@@ -238,7 +238,7 @@ pub fn lora_forward(
         let (row0, rows) = (c * CHUNK_ROWS, sr.len() / r);
         with_scratch(words_len.min(rows * k), |xd, words| {
             let xd = dropped(&mask, row0 * k, &x[row0 * k..(row0 + rows) * k], xd, words);
-            down_chunk(xd, k, at, sr);
+            down_chunk(xd, (k, r), at, sr);
         })
     });
     let bt_scaled: Vec<f32> = transpose(b, n, r).iter().map(|v| sc * v).collect();
@@ -296,7 +296,7 @@ pub fn lora_backward(
     // dx = dy·W0 + drop'(dS·A) is one GEMM whose K-extension [dy | dS]·[W0; A] adds the rank-r
     // term on the accumulators, masked there by the keep bits the chunk pass writes (M·K/8
     // bytes, only while this call runs) after dS is complete.
-    let masked_dx = need_dx && !mask.is_identity();
+    let masked_dx = need_dx && !mask.is_identity() && k > 0;
     // B is the row operand of the skinny dS product: an aligned copy (its rows are 16 floats,
     // one cache line at r = 16, and straddled two in 3 of 4 allocations).
     let mut b_buf = AlignedBuf::default();
@@ -390,6 +390,24 @@ mod tests {
     /// `C[m,n] = Σ_t P(i,t)·Q(t,j)` in f64, operands given as element functions.
     fn mm(m: usize, n: usize, kk: usize, p: impl Fn(usize, usize) -> f64, q: impl Fn(usize, usize) -> f64) -> Vec<f64> {
         (0..m * n).map(|e| (0..kk).map(|t| p(e / n, t) * q(t, e % n)).sum()).collect()
+    }
+
+    /// Empty dimensions give empty or zero results, never a panic (a chunk size of zero would).
+    #[test]
+    fn empty_dimensions() {
+        let mut rng = TestRng::new(5);
+        for (m, k, n) in [(0, 8, 6), (7, 0, 6), (7, 8, 0)] {
+            let r = 4;
+            let (x, w0, a, b, dy) =
+                (rng.vec_f32(m * k), rng.vec_f32(n * k), rng.vec_f32(r * k), rng.vec_f32(n * r), rng.vec_f32(m * n));
+            let (sh, cfg) = (LinearShape { m, k, n }, LoraOpConfig { dropout: 0.25, ..LoraOpConfig::default_for(r) });
+            let f = lora_forward(&x, &w0, None, &a, &b, sh, &cfg, 0, true).unwrap();
+            assert_eq!((f.y.len(), f.s.len()), (m * n, m * r));
+            assert!(f.s.iter().all(|&v| k > 0 || v == 0.0), "m{m} k{k} n{n}: S of an empty contraction is 0");
+            let g = lora_backward(&dy, &x, &w0, &a, &b, &f.s, sh, &cfg, 0, true, true).unwrap();
+            assert_eq!((g.dx.map(|d| d.len()), g.da.len(), g.db.len()), (Some(m * k), r * k, n * r));
+            assert!(g.da.iter().chain(&g.db).all(|v| v.is_finite()), "m{m} k{k} n{n}");
+        }
     }
 
     /// The chunked rank-`r` kernels at the ranks the trainer uses (8, 16) and a wide one, with
