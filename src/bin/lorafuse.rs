@@ -33,6 +33,32 @@ enum Command {
     Generate(GenerateCmd),
     /// Merge a PEFT adapter into its base model and save a Hugging Face checkpoint.
     Merge(MergeCmd),
+    /// Time the CPU LoRA linear (forward + backward) against the plain frozen linear (forward +
+    /// dx), call by call in alternation so a noisy machine slows both alike; prints medians, the
+    /// ratio and its floor (the rank-r FLOPs over the plain linear's).
+    Bench(BenchCmd),
+}
+
+#[derive(clap::Args)]
+struct BenchCmd {
+    /// Rows of x (batch × sequence).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    m: u32,
+    /// Input features.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    k: u32,
+    /// Output features.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    n: u32,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    r: u32,
+    /// Dropout probabilities to run, comma-separated, each in [0, 1).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0.0f32, 0.1])]
+    dropout: Vec<f32>,
+    /// Timed calls of each op, after 3 untimed ones.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    iters: u32,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +134,7 @@ fn main() -> ExitCode {
         Command::Train(t) => ("train", train(*t)),
         Command::Generate(g) => ("generate", generate(g)),
         Command::Merge(m) => ("merge", merge(m)),
+        Command::Bench(b) => ("bench", bench(b)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,6 +151,69 @@ fn report() -> lorafuse::Result<()> {
         "SIMT simulator, M = N = K = 512, r = 16, dropout 0.1 (ratios vs base GEMM; fwd+bwd vs forward + dx GEMMs)\n"
     );
     print!("{}", lorafuse::ops::report::format_table(&rows));
+    Ok(())
+}
+
+fn bench(b: BenchCmd) -> lorafuse::Result<()> {
+    use lorafuse::ops::lora::{linear, linear_backward_input, lora_backward, lora_forward, LinearShape, LoraOpConfig};
+    use std::time::Instant;
+    let (m, k, n, r) = (b.m as usize, b.k as usize, b.n as usize, b.r as usize);
+    if let Some(p) = b.dropout.iter().find(|p| !(0.0..1.0).contains(*p)) {
+        return Err(lorafuse::Error::config("dropout", format!("{p} is not in [0, 1)")));
+    }
+    // The largest buffer must fit in memory: refuse a shape instead of aborting in the allocator.
+    let gib = [m * k, n * k, m * n].into_iter().max().unwrap_or(0) as f64 * 4.0 / (1u64 << 30) as f64;
+    if gib > 8.0 {
+        return Err(lorafuse::Error::config("m/k/n", format!("an operand would take {gib:.1} GiB (at most 8 here)")));
+    }
+    lorafuse::train::retain_heap_memory();
+    let mut rng = lorafuse::testing::TestRng::new(1);
+    let sh = LinearShape { m, k, n };
+    let (x, w0, a, bm, dy) =
+        (rng.vec_f32(m * k), rng.vec_f32(n * k), rng.vec_f32(r * k), rng.vec_f32(n * r), rng.vec_f32(m * n));
+    // Rank-r FLOPs of forward + backward (S, S·Bᵀ, dS, dB, dA, dS·A) over the plain linear's 4·m·n·k.
+    let floor = 1.0 + 3.0 * r as f64 * (k + n) as f64 / (2.0 * n as f64 * k as f64);
+    println!(
+        "CPU LoRA linear, {} GEMM, {} threads: M={m} K={k} N={n} r={r}, medians of {} alternated calls",
+        lorafuse::ops::matmul::library_name(),
+        rayon::current_num_threads(),
+        b.iters
+    );
+    println!(
+        "{:>8} {:>14} {:>14} {:>12} {:>11}",
+        "dropout", "plain fwd+dx", "fused fwd+bwd", "fused/plain", "FLOP floor"
+    );
+    for &p in &b.dropout {
+        let cfg = LoraOpConfig { r, alpha: 2.0 * r as f32, dropout: p, use_rslora: false, seed: 5 };
+        let plain =
+            || -> lorafuse::Result<f32> { Ok(linear(&x, &w0, None, sh)?[0] + linear_backward_input(&dy, &w0, sh)[0]) };
+        let fused = || -> lorafuse::Result<f32> {
+            let f = lora_forward(&x, &w0, None, &a, &bm, sh, &cfg, 3, true)?;
+            let g = lora_backward(&dy, &x, &w0, &a, &bm, &f.s, sh, &cfg, 3, true, true)?;
+            Ok(f.y[0] + g.da[0])
+        };
+        // Inside the pool, as a training step runs.
+        let (tp, tf) = rayon::scope(|_| -> lorafuse::Result<(Vec<f64>, Vec<f64>)> {
+            let (mut tp, mut tf) = (Vec::new(), Vec::new());
+            for i in 0..3 + b.iters {
+                let t = Instant::now();
+                std::hint::black_box(plain()?);
+                let between = Instant::now();
+                std::hint::black_box(fused()?);
+                if i >= 3 {
+                    tp.push((between - t).as_secs_f64() * 1e3);
+                    tf.push(between.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok((tp, tf))
+        })?;
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (tp, tf) = (median(tp), median(tf));
+        println!("{p:>8.2} {:>11.3} ms {:>11.3} ms {:>12.3} {floor:>11.3}", tp, tf, tf / tp);
+    }
     Ok(())
 }
 
