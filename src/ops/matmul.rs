@@ -210,8 +210,7 @@ unsafe fn add_low_rank(m: usize, n: usize, alpha: f32, l: LowRank, c: *mut f32, 
     let Some(km) = l.keep else {
         return gemm_raw(m, n, l.r, alpha, l.p, Tr::N, l.q, Tr::N, 1.0, c, None, parallel);
     };
-    let mut t = vec![0.0; m * n];
-    gemm_raw(m, n, l.r, alpha * km.scale, l.p, Tr::N, l.q, Tr::N, 0.0, t.as_mut_ptr(), None, parallel);
+    let t = gemm_new(m, n, l.r, alpha * km.scale, l.p, Tr::N, l.q, Tr::N, parallel);
     let c = std::slice::from_raw_parts_mut(c, m * n);
     let words = n.div_ceil(32);
     for (i, (c, t)) in c.chunks_exact_mut(n).zip(t.chunks_exact(n)).enumerate() {
