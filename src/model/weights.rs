@@ -25,7 +25,8 @@ struct TensorFile {
     file: Mutex<std::fs::File>,
     /// Offset of the data section (8 + header length).
     data_start: u64,
-    tensors: HashMap<String, TensorInfo>,
+    /// Sorted, so that errors over all names (a duplicate across shards) are reproducible.
+    tensors: BTreeMap<String, TensorInfo>,
 }
 
 impl TensorFile {
@@ -43,7 +44,7 @@ impl TensorFile {
         file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
         let meta: Metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
         let data_len = len - 8 - n;
-        let mut tensors = HashMap::new();
+        let mut tensors = BTreeMap::new();
         for (name, info) in meta.tensors() {
             let (start, end) = info.data_offsets;
             let numel: usize = info.shape.iter().product();

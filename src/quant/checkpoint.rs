@@ -390,7 +390,9 @@ pub fn load_nf4_checkpoint(dir: &Path, on_load: &QuantizeOnLoad) -> Result<Nf4Ch
         .collect::<Result<_>>()?;
     let mut location: BTreeMap<String, usize> = BTreeMap::new();
     for (i, st) in parsed.iter().enumerate() {
-        for name in st.names() {
+        let mut names = st.names();
+        names.sort_unstable(); // reproducible errors: the same duplicate named every run
+        for name in names {
             if location.insert(name.to_string(), i).is_some() {
                 return Err(Error::format(name, "appears in more than one shard"));
             }
