@@ -17,6 +17,8 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     name: String,
+    /// Whether memory comes from the device's stream-ordered pool (see [`retain_freed_memory`]).
+    pooled: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
 }
@@ -71,7 +73,10 @@ impl Cuda {
         }
         let name = format!("{} (sm_{major}{minor})", ctx.name().map_err(driver_err("device name"))?);
         let stream = ctx.default_stream();
-        Ok(Cuda { ctx, stream, name, modules: Mutex::default(), functions: Mutex::default() })
+        let pools = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED);
+        // SAFETY: the context's own device.
+        let pooled = pools.is_ok_and(|v| v != 0) && unsafe { retain_freed_memory(ctx.cu_device()) }.is_ok();
+        Ok(Cuda { ctx, stream, name, pooled, modules: Mutex::default(), functions: Mutex::default() })
     }
 
     fn module(&self, m: &'static KernelModule) -> Result<Arc<CudaModule>> {
@@ -102,24 +107,27 @@ impl Cuda {
         Ok(f)
     }
 
-    /// Device time of `work` in milliseconds, measured with CUDA events on the stream (the
-    /// host-side launch overhead between them is included, host work before is not).
-    pub fn time_ms(&self, mut work: impl FnMut() -> Result<()>) -> Result<f32> {
-        self.bind()?;
-        let start =
-            self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("cuEventCreate"))?;
-        let end =
-            self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("cuEventCreate"))?;
-        start.record(&self.stream).map_err(driver_err("cuEventRecord"))?;
-        work()?;
-        end.record(&self.stream).map_err(driver_err("cuEventRecord"))?;
-        end.synchronize().map_err(driver_err("cuEventSynchronize"))?;
-        start.elapsed_ms(&end).map_err(driver_err("cuEventElapsedTime"))
-    }
-
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(driver_err("binding the CUDA context"))
     }
+}
+
+/// Makes the device's default memory pool keep freed blocks for reuse (release threshold =
+/// ∞), as PyTorch's caching allocator does. Every op allocates its outputs and workspace; with
+/// plain `cuMemAlloc`/`cuMemFree`, each free synchronizes the device and each allocation costs
+/// tens of µs, against a 4096³ GEMM's ~0.2 ms on an H100. The pool's memory goes back to the
+/// driver when the process exits.
+///
+/// # Safety
+/// `dev` must be a valid device handle.
+unsafe fn retain_freed_memory(dev: sys::CUdevice) -> std::result::Result<(), result::DriverError> {
+    let pool = result::device::get_default_mem_pool(dev)?;
+    let mut threshold = u64::MAX;
+    result::mem_pool::set_attribute(
+        pool,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        (&mut threshold as *mut u64).cast(),
+    )
 }
 
 /// NVRTC on the user's machine, for builds that had no CUDA compiler: the embedded headers go to a
@@ -165,13 +173,23 @@ impl Device for Cuda {
     }
     fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
         self.bind()?;
-        // SAFETY: plain allocation in the bound context.
-        let p = unsafe { result::malloc_sync(bytes) }.map_err(driver_err("cuMemAlloc"))?;
+        let p = if self.pooled {
+            // SAFETY: stream-ordered allocation on the one stream every copy and launch uses.
+            unsafe { result::malloc_async(self.stream.cu_stream(), bytes) }.map_err(driver_err("cuMemAllocAsync"))?
+        } else {
+            // SAFETY: plain allocation in the bound context.
+            unsafe { result::malloc_sync(bytes) }.map_err(driver_err("cuMemAlloc"))?
+        };
         Ok(DevicePtr(p))
     }
     unsafe fn free(&self, ptr: DevicePtr) -> Result<()> {
         self.bind()?;
-        result::free_sync(ptr.0).map_err(driver_err("cuMemFree"))
+        if self.pooled {
+            // Ordered after every launch already queued that uses `ptr`: all run on this stream.
+            result::free_async(ptr.0, self.stream.cu_stream()).map_err(driver_err("cuMemFreeAsync"))
+        } else {
+            result::free_sync(ptr.0).map_err(driver_err("cuMemFree"))
+        }
     }
     fn copy_to_device(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
         self.bind()?;
@@ -213,5 +231,16 @@ impl Device for Cuda {
     }
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver_err("synchronize"))
+    }
+    fn time_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.bind()?;
+        let event =
+            || self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("cuEventCreate"));
+        let (start, end) = (event()?, event()?);
+        start.record(&self.stream).map_err(driver_err("cuEventRecord"))?;
+        work()?;
+        end.record(&self.stream).map_err(driver_err("cuEventRecord"))?;
+        end.synchronize().map_err(driver_err("cuEventSynchronize"))?;
+        Ok(start.elapsed_ms(&end).map_err(driver_err("cuEventElapsedTime"))? as f64)
     }
 }

@@ -100,6 +100,16 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// kernel reads and writes with the given configuration.
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, params: ParamBytes<'_>) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// Milliseconds `work` takes on this device. A GPU measures it with events on its stream
+    /// (launch overhead between the events included, host work before them not); elsewhere it
+    /// is the host clock between two synchronizations.
+    fn time_ms(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        work()?;
+        self.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
     /// Counters of the launches since the last call (simulator only; `None` on a GPU).
     fn take_stats(&self) -> Option<sim::SimStats> {
         None
