@@ -8,9 +8,11 @@
 //! - [`ops`]: one function per op, dispatched to a backend;
 //! - [`quant`]: NF4 (bitsandbytes-compatible) quantization;
 //! - [`device`]: backends (`Cpu`, `Cuda`, `Sim`) behind one trait, and the kernels built from
-//!   `kernels/*.cu`.
+//!   `kernels/*.cu`;
+//! - [`bench`](mod@bench): the alternated timing behind `lorafuse bench`.
 
 pub mod autograd;
+pub mod bench;
 pub mod device;
 pub mod error;
 pub mod model;

@@ -33,9 +33,10 @@ enum Command {
     Generate(GenerateCmd),
     /// Merge a PEFT adapter into its base model and save a Hugging Face checkpoint.
     Merge(MergeCmd),
-    /// Time the CPU LoRA linear (forward + backward) against the plain frozen linear (forward +
-    /// dx), call by call in alternation so a noisy machine slows both alike; prints medians, the
-    /// ratio and its floor (the rank-r FLOPs over the plain linear's).
+    /// Time the LoRA linear (forward + backward) against the plain frozen linear (forward + dx),
+    /// call by call in alternation so a noisy machine slows all alike; prints medians, ratios
+    /// and the ratio's floor (the rank-r FLOPs over the plain linear's). On the CPU: our fused
+    /// op; on a GPU (or the simulator): the split, single-pass and unfused kernels.
     Bench(BenchCmd),
 }
 
@@ -59,6 +60,17 @@ struct BenchCmd {
     /// Timed calls of each op, after 3 untimed ones.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
+    /// Where to run: the CPU backend, the first CUDA GPU, or the SIMT simulator (which checks
+    /// the launch path; its times say nothing about a GPU's).
+    #[arg(long, value_enum, default_value_t = BenchBackend::Cpu)]
+    backend: BenchBackend,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchBackend {
+    Cpu,
+    Cuda,
+    Sim,
 }
 
 #[derive(clap::Args)]
@@ -155,64 +167,47 @@ fn report() -> lorafuse::Result<()> {
 }
 
 fn bench(b: BenchCmd) -> lorafuse::Result<()> {
-    use lorafuse::ops::lora::{linear, linear_backward_input, lora_backward, lora_forward, LinearShape, LoraOpConfig};
-    use std::time::Instant;
-    let (m, k, n, r) = (b.m as usize, b.k as usize, b.n as usize, b.r as usize);
-    if let Some(p) = b.dropout.iter().find(|p| !(0.0..1.0).contains(*p)) {
-        return Err(lorafuse::Error::config("dropout", format!("{p} is not in [0, 1)")));
-    }
-    // The largest buffer must fit in memory: refuse a shape instead of aborting in the allocator.
-    let gib = [m * k, n * k, m * n].into_iter().max().unwrap_or(0) as f64 * 4.0 / (1u64 << 30) as f64;
-    if gib > 8.0 {
-        return Err(lorafuse::Error::config("m/k/n", format!("an operand would take {gib:.1} GiB (at most 8 here)")));
-    }
+    use lorafuse::bench;
+    use lorafuse::device::Backend;
+    use lorafuse::ops::lora::LinearShape;
+    let sh = LinearShape { m: b.m as usize, k: b.k as usize, n: b.n as usize };
+    let (r, iters) = (b.r as usize, b.iters as usize);
+    bench::check_args(sh, r, &b.dropout, iters)?;
+    let device = match b.backend {
+        BenchBackend::Cpu => None,
+        BenchBackend::Cuda => Some(Backend::cuda()?),
+        BenchBackend::Sim => Some(Backend::sim()),
+    };
+    let (what, reference) = match &device {
+        None => (
+            format!(
+                "CPU, {} GEMM, {} threads, f32",
+                lorafuse::ops::matmul::library_name(),
+                rayon::current_num_threads()
+            ),
+            "plain",
+        ),
+        Some(d) => {
+            let clock = match b.backend {
+                BenchBackend::Sim => "host time of the simulation (not a GPU's)",
+                _ => "device time (CUDA events)",
+            };
+            (format!("{}, bf16 (unfused: f32 outputs), {clock}", d.name()), "base")
+        }
+    };
     lorafuse::train::retain_heap_memory();
-    let mut rng = lorafuse::testing::TestRng::new(1);
-    let sh = LinearShape { m, k, n };
-    let (x, w0, a, bm, dy) =
-        (rng.vec_f32(m * k), rng.vec_f32(n * k), rng.vec_f32(r * k), rng.vec_f32(n * r), rng.vec_f32(m * n));
-    // Rank-r FLOPs of forward + backward (S, S·Bᵀ, dS, dB, dA, dS·A) over the plain linear's 4·m·n·k.
-    let floor = 1.0 + 3.0 * r as f64 * (k + n) as f64 / (2.0 * n as f64 * k as f64);
-    println!(
-        "CPU LoRA linear, {} GEMM, {} threads: M={m} K={k} N={n} r={r}, medians of {} alternated calls",
-        lorafuse::ops::matmul::library_name(),
-        rayon::current_num_threads(),
-        b.iters
-    );
-    println!(
-        "{:>8} {:>14} {:>14} {:>12} {:>11}",
-        "dropout", "plain fwd+dx", "fused fwd+bwd", "fused/plain", "FLOP floor"
-    );
+    println!("{what}: M={} K={} N={} r={r}, medians of {iters} alternated calls", sh.m, sh.k, sh.n);
+    println!("FLOP floor of the ratio: {:.3}", bench::flop_floor(sh, r));
+    println!("{:>8}  {:<12} {:>12} {:>9}", "dropout", "variant", "median ms", "ratio");
     for &p in &b.dropout {
-        let cfg = LoraOpConfig { r, alpha: 2.0 * r as f32, dropout: p, use_rslora: false, seed: 5 };
-        let plain =
-            || -> lorafuse::Result<f32> { Ok(linear(&x, &w0, None, sh)?[0] + linear_backward_input(&dy, &w0, sh)[0]) };
-        let fused = || -> lorafuse::Result<f32> {
-            let f = lora_forward(&x, &w0, None, &a, &bm, sh, &cfg, 3, true)?;
-            let g = lora_backward(&dy, &x, &w0, &a, &bm, &f.s, sh, &cfg, 3, true, true)?;
-            Ok(f.y[0] + g.da[0])
+        let rows = match device.as_ref().and_then(Backend::device) {
+            None => bench::cpu(sh, r, p, iters)?,
+            Some(dev) => bench::device(dev, sh, r, p, iters)?,
         };
-        // Inside the pool, as a training step runs.
-        let (tp, tf) = rayon::scope(|_| -> lorafuse::Result<(Vec<f64>, Vec<f64>)> {
-            let (mut tp, mut tf) = (Vec::new(), Vec::new());
-            for i in 0..3 + b.iters {
-                let t = Instant::now();
-                std::hint::black_box(plain()?);
-                let between = Instant::now();
-                std::hint::black_box(fused()?);
-                if i >= 3 {
-                    tp.push((between - t).as_secs_f64() * 1e3);
-                    tf.push(between.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            Ok((tp, tf))
-        })?;
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let (tp, tf) = (median(tp), median(tf));
-        println!("{p:>8.2} {:>11.3} ms {:>11.3} ms {:>12.3} {floor:>11.3}", tp, tf, tf / tp);
+        let base = rows.iter().find(|t| t.variant == reference).map_or(f64::NAN, |t| t.median_ms);
+        for t in &rows {
+            println!("{p:>8.2}  {:<12} {:>12.4} {:>9.3}", t.variant, t.median_ms, t.median_ms / base);
+        }
     }
     Ok(())
 }
