@@ -165,3 +165,60 @@ typedef struct QloraBackwardParams {
     LoraBackwardParams lora;
     Nf4Weight w0;
 } QloraBackwardParams;
+
+/// RMSNorm over rows of k elements (kernels/norm.cu; CPU reference src/ops/norm.rs), one block
+/// per row, element type T by kernel suffix (_f32, _bf16), f32 arithmetic:
+/// rms_norm_fwd_*: rstd[r] = 1/√(mean_k x[r,k]² + eps) (f32, written), out = T(w ⊙ T(x·rstd))
+/// (Hugging Face: normalize in f32, cast to the input type, then scale);
+/// rms_norm_bwd_*: out = dx = rstd·(g − x̂·mean_k(g·x̂)), g = dy·w, x̂ = x·rstd (rstd read).
+typedef struct RmsNormParams {
+    const void* x;
+    const void* w;
+    const void* dy;
+    float* rstd;
+    void* out;
+    long long rows;
+    int k;
+    float eps;
+} RmsNormParams;
+
+/// SwiGLU h = silu(g)·u over n elements (kernels/activation.cu; src/ops/activation.rs), T by
+/// kernel suffix: swiglu_fwd_*: out = T(T(silu(g))·u); swiglu_bwd_*: out = dg =
+/// dh·u·σ(g)·(1 + g·(1 − σ(g))), out2 = du = dh·silu(g).
+typedef struct SwigluParams {
+    const void* g;
+    const void* u;
+    const void* dh;
+    void* out;
+    void* out2;
+    long long n;
+} SwigluParams;
+
+/// Rotary embedding in place on x `[rows, heads·2·half]` (kernels/rope.cu; src/ops/rope.rs),
+/// rotate_half layout: dimension i < half pairs with i + half. Row r is at position
+/// pos0 + r % seq; cos, sin f32 `[max_pos, half]`; sign = −1 rotates by −θ (the backward).
+typedef struct RopeParams {
+    void* x;
+    const float* cos;
+    const float* sin;
+    long long rows;
+    int heads;
+    int half;
+    int seq;
+    int pos0;
+    float sign;
+} RopeParams;
+
+/// Causal-LM cross-entropy (kernels/loss.cu; src/ops/loss.rs), one block per row of logits
+/// `[rows, vocab]` (T by kernel suffix): targets `[rows]` (the host shifts the labels; −100 is
+/// not counted). loss_rows[r] = logsumexp(logits[r]) − logits[r, t] (f32; 0 when not counted);
+/// dlogits[r] = (softmax(logits[r]) − onehot(t))·inv_count (all 0 when not counted).
+typedef struct CrossEntropyParams {
+    const void* logits;
+    const long long* targets;
+    float* loss_rows;
+    void* dlogits;
+    long long rows;
+    int vocab;
+    float inv_count;
+} CrossEntropyParams;

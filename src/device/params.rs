@@ -455,3 +455,176 @@ const _: () = {
         "Offset of field: QloraBackwardParams::w0",
     ][::std::mem::offset_of!(QloraBackwardParams, w0) - 128usize];
 };
+/** RMSNorm over rows of k elements (kernels/norm.cu; CPU reference src/ops/norm.rs), one block
+ per row, element type T by kernel suffix (_f32, _bf16), f32 arithmetic:
+ rms_norm_fwd_*: rstd[r] = 1/√(mean_k x[r,k]² + eps) (f32, written), out = T(w ⊙ T(x·rstd))
+ (Hugging Face: normalize in f32, cast to the input type, then scale);
+ rms_norm_bwd_*: out = dx = rstd·(g − x̂·mean_k(g·x̂)), g = dy·w, x̂ = x·rstd (rstd read).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct RmsNormParams {
+    pub x: *const ::std::os::raw::c_void,
+    pub w: *const ::std::os::raw::c_void,
+    pub dy: *const ::std::os::raw::c_void,
+    pub rstd: *mut f32,
+    pub out: *mut ::std::os::raw::c_void,
+    pub rows: ::std::os::raw::c_longlong,
+    pub k: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of RmsNormParams"][::std::mem::size_of::<RmsNormParams>() - 56usize];
+    ["Alignment of RmsNormParams"][::std::mem::align_of::<RmsNormParams>() - 8usize];
+    [
+        "Offset of field: RmsNormParams::x",
+    ][::std::mem::offset_of!(RmsNormParams, x) - 0usize];
+    [
+        "Offset of field: RmsNormParams::w",
+    ][::std::mem::offset_of!(RmsNormParams, w) - 8usize];
+    [
+        "Offset of field: RmsNormParams::dy",
+    ][::std::mem::offset_of!(RmsNormParams, dy) - 16usize];
+    [
+        "Offset of field: RmsNormParams::rstd",
+    ][::std::mem::offset_of!(RmsNormParams, rstd) - 24usize];
+    [
+        "Offset of field: RmsNormParams::out",
+    ][::std::mem::offset_of!(RmsNormParams, out) - 32usize];
+    [
+        "Offset of field: RmsNormParams::rows",
+    ][::std::mem::offset_of!(RmsNormParams, rows) - 40usize];
+    [
+        "Offset of field: RmsNormParams::k",
+    ][::std::mem::offset_of!(RmsNormParams, k) - 48usize];
+    [
+        "Offset of field: RmsNormParams::eps",
+    ][::std::mem::offset_of!(RmsNormParams, eps) - 52usize];
+};
+/** SwiGLU h = silu(g)·u over n elements (kernels/activation.cu; src/ops/activation.rs), T by
+ kernel suffix: swiglu_fwd_*: out = T(T(silu(g))·u); swiglu_bwd_*: out = dg =
+ dh·u·σ(g)·(1 + g·(1 − σ(g))), out2 = du = dh·silu(g).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SwigluParams {
+    pub g: *const ::std::os::raw::c_void,
+    pub u: *const ::std::os::raw::c_void,
+    pub dh: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out2: *mut ::std::os::raw::c_void,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SwigluParams"][::std::mem::size_of::<SwigluParams>() - 48usize];
+    ["Alignment of SwigluParams"][::std::mem::align_of::<SwigluParams>() - 8usize];
+    [
+        "Offset of field: SwigluParams::g",
+    ][::std::mem::offset_of!(SwigluParams, g) - 0usize];
+    [
+        "Offset of field: SwigluParams::u",
+    ][::std::mem::offset_of!(SwigluParams, u) - 8usize];
+    [
+        "Offset of field: SwigluParams::dh",
+    ][::std::mem::offset_of!(SwigluParams, dh) - 16usize];
+    [
+        "Offset of field: SwigluParams::out",
+    ][::std::mem::offset_of!(SwigluParams, out) - 24usize];
+    [
+        "Offset of field: SwigluParams::out2",
+    ][::std::mem::offset_of!(SwigluParams, out2) - 32usize];
+    [
+        "Offset of field: SwigluParams::n",
+    ][::std::mem::offset_of!(SwigluParams, n) - 40usize];
+};
+/** Rotary embedding in place on x `[rows, heads·2·half]` (kernels/rope.cu; src/ops/rope.rs),
+ rotate_half layout: dimension i < half pairs with i + half. Row r is at position
+ pos0 + r % seq; cos, sin f32 `[max_pos, half]`; sign = −1 rotates by −θ (the backward).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct RopeParams {
+    pub x: *mut ::std::os::raw::c_void,
+    pub cos: *const f32,
+    pub sin: *const f32,
+    pub rows: ::std::os::raw::c_longlong,
+    pub heads: ::std::os::raw::c_int,
+    pub half: ::std::os::raw::c_int,
+    pub seq: ::std::os::raw::c_int,
+    pub pos0: ::std::os::raw::c_int,
+    pub sign: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of RopeParams"][::std::mem::size_of::<RopeParams>() - 56usize];
+    ["Alignment of RopeParams"][::std::mem::align_of::<RopeParams>() - 8usize];
+    ["Offset of field: RopeParams::x"][::std::mem::offset_of!(RopeParams, x) - 0usize];
+    [
+        "Offset of field: RopeParams::cos",
+    ][::std::mem::offset_of!(RopeParams, cos) - 8usize];
+    [
+        "Offset of field: RopeParams::sin",
+    ][::std::mem::offset_of!(RopeParams, sin) - 16usize];
+    [
+        "Offset of field: RopeParams::rows",
+    ][::std::mem::offset_of!(RopeParams, rows) - 24usize];
+    [
+        "Offset of field: RopeParams::heads",
+    ][::std::mem::offset_of!(RopeParams, heads) - 32usize];
+    [
+        "Offset of field: RopeParams::half",
+    ][::std::mem::offset_of!(RopeParams, half) - 36usize];
+    [
+        "Offset of field: RopeParams::seq",
+    ][::std::mem::offset_of!(RopeParams, seq) - 40usize];
+    [
+        "Offset of field: RopeParams::pos0",
+    ][::std::mem::offset_of!(RopeParams, pos0) - 44usize];
+    [
+        "Offset of field: RopeParams::sign",
+    ][::std::mem::offset_of!(RopeParams, sign) - 48usize];
+};
+/** Causal-LM cross-entropy (kernels/loss.cu; src/ops/loss.rs), one block per row of logits
+ `[rows, vocab]` (T by kernel suffix): targets `[rows]` (the host shifts the labels; −100 is
+ not counted). loss_rows[r] = logsumexp(logits[r]) − logits[r, t] (f32; 0 when not counted);
+ dlogits[r] = (softmax(logits[r]) − onehot(t))·inv_count (all 0 when not counted).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct CrossEntropyParams {
+    pub logits: *const ::std::os::raw::c_void,
+    pub targets: *const ::std::os::raw::c_longlong,
+    pub loss_rows: *mut f32,
+    pub dlogits: *mut ::std::os::raw::c_void,
+    pub rows: ::std::os::raw::c_longlong,
+    pub vocab: ::std::os::raw::c_int,
+    pub inv_count: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of CrossEntropyParams",
+    ][::std::mem::size_of::<CrossEntropyParams>() - 48usize];
+    [
+        "Alignment of CrossEntropyParams",
+    ][::std::mem::align_of::<CrossEntropyParams>() - 8usize];
+    [
+        "Offset of field: CrossEntropyParams::logits",
+    ][::std::mem::offset_of!(CrossEntropyParams, logits) - 0usize];
+    [
+        "Offset of field: CrossEntropyParams::targets",
+    ][::std::mem::offset_of!(CrossEntropyParams, targets) - 8usize];
+    [
+        "Offset of field: CrossEntropyParams::loss_rows",
+    ][::std::mem::offset_of!(CrossEntropyParams, loss_rows) - 16usize];
+    [
+        "Offset of field: CrossEntropyParams::dlogits",
+    ][::std::mem::offset_of!(CrossEntropyParams, dlogits) - 24usize];
+    [
+        "Offset of field: CrossEntropyParams::rows",
+    ][::std::mem::offset_of!(CrossEntropyParams, rows) - 32usize];
+    [
+        "Offset of field: CrossEntropyParams::vocab",
+    ][::std::mem::offset_of!(CrossEntropyParams, vocab) - 40usize];
+    [
+        "Offset of field: CrossEntropyParams::inv_count",
+    ][::std::mem::offset_of!(CrossEntropyParams, inv_count) - 44usize];
+};

@@ -29,5 +29,6 @@ pub mod philox;
 pub mod qlora;
 pub mod report;
 pub mod rope;
+pub mod rowwise;
 pub mod sgemm;
 pub mod simd;

@@ -7,10 +7,18 @@
 //! HF normalizes in f32, casts the normalized value back to the input dtype, then multiplies
 //! by the weight; on the f32 path the casts are no-ops. The weight is frozen under LoRA, so
 //! backward returns `dx` only.
+//!
+//! On a device: [`rms_norm_forward_device`], [`rms_norm_backward_device`] (`kernels/norm.cu`),
+//! f32 or bf16 tensors, f32 arithmetic, the bf16 path rounding where Hugging Face's does.
 
+use super::rowwise::{kernel_for, launch};
 use super::simd::par_zeros;
+use crate::device::params::RmsNormParams;
+use crate::device::{Backend, Device};
+use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Rows per parallel task (a row is only a few hundred values).
 const ROWS: usize = 32;
@@ -77,4 +85,77 @@ pub fn rms_norm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32]) -> Vec<
         .zip(dy.par_chunks(ROWS * k).zip(rstd.par_chunks(ROWS)))
         .for_each(|((dx, x), (dy, rstd))| backward_rows(dy, x, w, rstd, dx));
     dx
+}
+
+/// Threads per block of the `rms_norm_*` kernels (one block per row; `NORM_THREADS` in the kernel).
+const NORM_THREADS: u32 = 128;
+
+/// `(rows, k)` of `x [rows, k]` normalized with weight `w [k]`.
+fn row_shape(x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    let k = w.numel();
+    if w.shape().len() != 1 || k == 0 || !x.numel().is_multiple_of(k) || x.shape().last() != Some(&k) {
+        return Err(Error::shape(
+            "rms_norm",
+            format!("input {:?} is not rows of the weight's {:?}", x.shape(), w.shape()),
+        ));
+    }
+    if k > i32::MAX as usize {
+        return Err(Error::shape("rms_norm", format!("rows of {k} exceed the kernel's 32-bit row length")));
+    }
+    Ok((x.numel() / k, k))
+}
+
+/// [`rms_norm_forward`] on a device: `x [.., k]` and `w [k]`, both f32 or both bf16. Returns `y`
+/// (shape and dtype of `x`) and `rstd [rows]` f32 for the backward.
+pub fn rms_norm_forward_device(dev: &Arc<dyn Device>, x: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let kernel = kernel_for("rms_norm_fwd", &[("input", x), ("weight", w)])?;
+    let (rows, k) = row_shape(x, w)?;
+    let backend = Backend::Device(dev.clone());
+    let (y, rstd) = (Tensor::empty(x.shape(), x.dtype(), &backend)?, Tensor::empty(&[rows], DType::F32, &backend)?);
+    let p = RmsNormParams {
+        x: x.device_ptr()?.as_ptr(),
+        w: w.device_ptr()?.as_ptr(),
+        dy: std::ptr::null(),
+        rstd: rstd.device_ptr()?.as_mut_ptr(),
+        out: y.device_ptr()?.as_mut_ptr(),
+        rows: rows as i64,
+        k: k as i32,
+        eps,
+    };
+    // SAFETY: x, y hold rows·k elements of the kernel's dtype, w k of them, rstd rows f32.
+    unsafe { launch(dev, &kernel, rows, NORM_THREADS, &p)? };
+    Ok((y, rstd))
+}
+
+/// [`rms_norm_backward`] on a device: `dx` (shape and dtype of `x`) from `dy` and `x` (same
+/// shape and dtype), the weight and the forward's `rstd [rows]` f32.
+pub fn rms_norm_backward_device(
+    dev: &Arc<dyn Device>,
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+) -> Result<Tensor> {
+    let kernel = kernel_for("rms_norm_bwd", &[("input", x), ("weight", w), ("output gradient", dy)])?;
+    let (rows, k) = row_shape(x, w)?;
+    if dy.shape() != x.shape() || rstd.dtype() != DType::F32 || rstd.numel() != rows {
+        return Err(Error::shape(
+            "rms_norm backward",
+            format!("dy {:?}, rstd {:?} {:?} for input {:?}", dy.shape(), rstd.shape(), rstd.dtype(), x.shape()),
+        ));
+    }
+    let dx = Tensor::empty(x.shape(), x.dtype(), &Backend::Device(dev.clone()))?;
+    let p = RmsNormParams {
+        x: x.device_ptr()?.as_ptr(),
+        w: w.device_ptr()?.as_ptr(),
+        dy: dy.device_ptr()?.as_ptr(),
+        rstd: rstd.device_ptr()?.as_mut_ptr(),
+        out: dx.device_ptr()?.as_mut_ptr(),
+        rows: rows as i64,
+        k: k as i32,
+        eps: 0.0,
+    };
+    // SAFETY: x, dy, dx hold rows·k elements of the kernel's dtype, w k, rstd rows f32.
+    unsafe { launch(dev, &kernel, rows, NORM_THREADS, &p)? };
+    Ok(dx)
 }

@@ -1,0 +1,61 @@
+//! Launch helpers shared by the Llama layer kernels (`kernels/rowwise.cuh` and the kernels that
+//! include it: `norm.cu`, `activation.cu`, `rope.cu`, `loss.cu`); each op's wrapper sits beside
+//! its CPU reference ([`super::norm`], [`super::activation`], [`super::rope`], [`super::loss`]).
+
+use crate::device::params::{CrossEntropyParams, RmsNormParams, RopeParams, SwigluParams};
+use crate::device::{blocks_for, Device, KernelParams, LaunchConfig, ParamBytes};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+// SAFETY: bindgen-generated #[repr(C)] mirrors of kernels/params.h.
+unsafe impl KernelParams for RmsNormParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for SwigluParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for RopeParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for CrossEntropyParams {}
+
+/// Most blocks one launch starts; the kernels loop over the rest (grid stride).
+const MAX_BLOCKS: u32 = 1 << 16;
+
+/// The kernel `{op}_{f32|bf16}` for `tensors`, which must all be device tensors of one of
+/// those two dtypes (named by `what`, for the error).
+pub(crate) fn kernel_for(op: &str, tensors: &[(&str, &Tensor)]) -> Result<String> {
+    let dtype = tensors[0].1.dtype();
+    for (what, t) in tensors {
+        t.device_ptr().map_err(|_| Error::shape(op, format!("{what} is on the CPU; this op runs on a device")))?;
+        if t.dtype() != dtype {
+            return Err(Error::shape(op, format!("{what} is {:?}, {} is {dtype:?}", t.dtype(), tensors[0].0)));
+        }
+    }
+    match dtype {
+        DType::F32 => Ok(format!("{op}_f32")),
+        DType::BF16 => Ok(format!("{op}_bf16")),
+        other => Err(Error::shape(op, format!("{} is {other:?}; f32 or bf16 expected", tensors[0].0))),
+    }
+}
+
+/// Launches `kernel` on `blocks` blocks (capped; the kernel strides over the rest) of `threads`.
+///
+/// # Safety
+/// The pointers in `params` must be device allocations the kernel may read and write as its
+/// parameter struct describes.
+pub(crate) unsafe fn launch<P: KernelParams>(
+    dev: &Arc<dyn Device>,
+    kernel: &str,
+    blocks: usize,
+    threads: u32,
+    params: &P,
+) -> Result<()> {
+    if blocks == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid: (blocks_for(blocks, 1)?.min(MAX_BLOCKS), 1, 1),
+        block: (threads, 1, 1),
+        dynamic_smem_bytes: 0,
+    };
+    dev.launch(kernel, &cfg, ParamBytes::new(params))
+}

@@ -1,0 +1,107 @@
+//! The Llama layer kernels (`kernels/norm.cu`, `activation.cu`, `rope.cu`, `loss.cu`) in the
+//! SIMT simulator against float64 references and the CPU ops they mirror, on random data, at
+//! ragged sizes (the scalar path where a row is not whole 16-byte packs, the packed path where
+//! it is), into outputs the simulator fills with NaN first, so an element left unwritten fails.
+//!
+//! Tolerances (relative L2 norm): f32 kernels vs the f32 CPU op: 1e-6 (f32 arithmetic, other
+//! summation orders); f32 kernels vs float64: 1e-5; bf16 kernels vs float64 on the same
+//! bf16-rounded inputs: 1e-2 (bf16 outputs round at 2⁻⁹ relative, plus Hugging Face's
+//! intermediate roundings, which the reference skips).
+
+#[path = "common/lora.rs"]
+mod common;
+
+use common::{download, upload};
+use lorafuse::device::sim::{Schedule, Sim};
+use lorafuse::device::{Backend, Device};
+use lorafuse::ops::norm::{rms_norm_backward, rms_norm_backward_device, rms_norm_forward, rms_norm_forward_device};
+use lorafuse::tensor::DType;
+use lorafuse::testing::{rel_err, TestRng};
+use std::sync::Arc;
+
+const F32_VS_CPU: f64 = 1e-6;
+const F32_VS_F64: f64 = 1e-5;
+const BF16_VS_F64: f64 = 1e-2;
+
+fn sim() -> (Arc<dyn Device>, Backend) {
+    let dev: Arc<dyn Device> = Arc::new(Sim::new(Schedule::Random(3)));
+    (dev.clone(), Backend::Device(dev))
+}
+
+/// `v` rounded to what `dtype` stores.
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+        _ => v.to_vec(),
+    }
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::BF16 {
+        BF16_VS_F64
+    } else {
+        F32_VS_F64
+    }
+}
+
+#[test]
+fn rms_norm_forward_and_backward() {
+    let (dev, backend) = sim();
+    let mut rng = TestRng::new(41);
+    let eps = 1e-5f32;
+    // (rows, k): k = 7 and 12 (bf16) take the scalar path; 64 and 136 the 16-byte packs.
+    for (rows, k) in [(1, 7), (3, 64), (5, 12), (33, 136)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = rounded(&rng.vec_f32(rows * k).iter().map(|v| 3.0 * v).collect::<Vec<_>>(), dtype);
+            let w = rounded(&rng.vec_f32(k).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>(), dtype);
+            let dy = rounded(&rng.vec_f32(rows * k), dtype);
+            // float64 reference.
+            let (mut y64, mut dx64) = (vec![0f64; rows * k], vec![0f64; rows * k]);
+            for r in 0..rows {
+                let xr = &x[r * k..][..k];
+                let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+                let rs = 1.0 / (ms + eps as f64).sqrt();
+                let dot: f64 =
+                    (0..k).map(|j| dy[r * k + j] as f64 * w[j] as f64 * xr[j] as f64 * rs).sum::<f64>() / k as f64;
+                for j in 0..k {
+                    let xh = xr[j] as f64 * rs;
+                    y64[r * k + j] = w[j] as f64 * xh;
+                    dx64[r * k + j] = rs * (dy[r * k + j] as f64 * w[j] as f64 - xh * dot);
+                }
+            }
+            let what = format!("rows {rows} k {k} {dtype:?}");
+            let (xt, wt, dyt) = (
+                upload(&backend, &[rows, k], &x, dtype),
+                upload(&backend, &[k], &w, dtype),
+                upload(&backend, &[rows, k], &dy, dtype),
+            );
+            let (y, rstd) = rms_norm_forward_device(&dev, &xt, &wt, eps).unwrap();
+            let dx = rms_norm_backward_device(&dev, &dyt, &xt, &wt, &rstd).unwrap();
+            let (y, rstd, dx) = (download(&y), download(&rstd), download(&dx));
+            assert!(rel_err(&y, &y64) < tol(dtype), "y {what}: {}", rel_err(&y, &y64));
+            assert!(rel_err(&dx, &dx64) < tol(dtype), "dx {what}: {}", rel_err(&dx, &dx64));
+            // The saved rstd and, in f32, every output against the CPU op.
+            let (y_cpu, rstd_cpu) = rms_norm_forward(&x, &w, eps).unwrap();
+            let as64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            assert!(rel_err(&rstd, &as64(&rstd_cpu)) < F32_VS_CPU, "rstd {what}");
+            if dtype == DType::F32 {
+                let dx_cpu = rms_norm_backward(&dy, &x, &w, &rstd_cpu);
+                assert!(rel_err(&y, &as64(&y_cpu)) < F32_VS_CPU, "y vs CPU {what}");
+                assert!(rel_err(&dx, &as64(&dx_cpu)) < F32_VS_CPU, "dx vs CPU {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_rejects_bad_operands() {
+    let (dev, backend) = sim();
+    let x = upload(&backend, &[2, 8], &[0.5; 16], DType::F32);
+    let w16 = upload(&backend, &[8], &[1.0; 8], DType::BF16);
+    let err = rms_norm_forward_device(&dev, &x, &w16, 1e-5).unwrap_err().to_string();
+    assert!(err.contains("weight") && err.contains("BF16"), "{err}");
+    let w6 = upload(&backend, &[6], &[1.0; 6], DType::F32);
+    assert!(rms_norm_forward_device(&dev, &x, &w6, 1e-5).unwrap_err().to_string().contains("rows"));
+    let host = upload(&Backend::Cpu, &[8], &[1.0; 8], DType::F32);
+    assert!(rms_norm_forward_device(&dev, &x, &host, 1e-5).unwrap_err().to_string().contains("CPU"));
+}
