@@ -14,6 +14,7 @@ mod common;
 use common::{download, upload};
 use lorafuse::device::sim::{Schedule, Sim};
 use lorafuse::device::{Backend, Device};
+use lorafuse::ops::activation::{swiglu_backward, swiglu_backward_device, swiglu_forward, swiglu_forward_device};
 use lorafuse::ops::norm::{rms_norm_backward, rms_norm_backward_device, rms_norm_forward, rms_norm_forward_device};
 use lorafuse::tensor::DType;
 use lorafuse::testing::{rel_err, TestRng};
@@ -104,4 +105,45 @@ fn rms_norm_rejects_bad_operands() {
     assert!(rms_norm_forward_device(&dev, &x, &w6, 1e-5).unwrap_err().to_string().contains("rows"));
     let host = upload(&Backend::Cpu, &[8], &[1.0; 8], DType::F32);
     assert!(rms_norm_forward_device(&dev, &x, &host, 1e-5).unwrap_err().to_string().contains("CPU"));
+}
+
+#[test]
+fn swiglu_forward_and_backward() {
+    let (dev, backend) = sim();
+    let mut rng = TestRng::new(43);
+    // 4096 + 5: several blocks, grid-stride, and a tail after the packs; 13: tail only in bf16.
+    for n in [1, 13, 64, 4101] {
+        for dtype in [DType::F32, DType::BF16] {
+            let scaled =
+                |rng: &mut TestRng, s: f32| rounded(&rng.vec_f32(n).iter().map(|v| s * v).collect::<Vec<_>>(), dtype);
+            let (g, u, dh) = (scaled(&mut rng, 6.0), scaled(&mut rng, 2.0), scaled(&mut rng, 1.0));
+            let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+            let h64: Vec<f64> = (0..n).map(|i| g[i] as f64 * sig(g[i] as f64) * u[i] as f64).collect();
+            let dg64: Vec<f64> = (0..n)
+                .map(|i| {
+                    let (gv, s) = (g[i] as f64, sig(g[i] as f64));
+                    dh[i] as f64 * u[i] as f64 * s * (1.0 + gv * (1.0 - s))
+                })
+                .collect();
+            let du64: Vec<f64> = (0..n).map(|i| dh[i] as f64 * g[i] as f64 * sig(g[i] as f64)).collect();
+            let up = |v: &[f32]| upload(&backend, &[n], v, dtype);
+            let (gt, ut, dht) = (up(&g), up(&u), up(&dh));
+            let h = download(&swiglu_forward_device(&dev, &gt, &ut).unwrap());
+            let (dg, du) = swiglu_backward_device(&dev, &dht, &gt, &ut).unwrap();
+            let (dg, du) = (download(&dg), download(&du));
+            let what = format!("n {n} {dtype:?}");
+            for (name, got, want) in [("h", &h, &h64), ("dg", &dg, &dg64), ("du", &du, &du64)] {
+                assert!(rel_err(got, want) < tol(dtype), "{name} {what}: {}", rel_err(got, want));
+            }
+            if dtype == DType::F32 {
+                let as64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                let (dg_cpu, du_cpu) = swiglu_backward(&dh, &g, &u);
+                assert!(rel_err(&h, &as64(&swiglu_forward(&g, &u).unwrap())) < F32_VS_CPU, "h vs CPU {what}");
+                assert!(rel_err(&dg, &as64(&dg_cpu)) < F32_VS_CPU, "dg vs CPU {what}");
+                assert!(rel_err(&du, &as64(&du_cpu)) < F32_VS_CPU, "du vs CPU {what}");
+            }
+        }
+    }
+    let (a, b) = (upload(&backend, &[4], &[1.0; 4], DType::F32), upload(&backend, &[2, 2], &[1.0; 4], DType::F32));
+    assert!(swiglu_forward_device(&dev, &a, &b).unwrap_err().to_string().contains("[2, 2]"));
 }

@@ -1,9 +1,18 @@
 //! SwiGLU: `h = silu(g)·u`, `silu(g) = g·σ(g)` (Llama's MLP between gate/up and down).
 //!
 //! Backward: `dg = dh·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = dh·silu(g)`; it needs `g` and `u`.
+//!
+//! On a device: [`swiglu_forward_device`], [`swiglu_backward_device`] (`kernels/activation.cu`),
+//! f32 or bf16 tensors, f32 arithmetic; in bf16 `silu(g)` is rounded before the product, as
+//! Hugging Face's `act_fn(gate) * up` does.
 
+use super::rowwise::{kernel_for, launch};
+use crate::device::params::SwigluParams;
+use crate::device::{Backend, Device};
+use crate::tensor::Tensor;
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use super::simd::{exp, par_new};
 use std::mem::MaybeUninit;
@@ -57,4 +66,61 @@ pub fn swiglu_backward(dh: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>)
         du.set_len(n);
     }
     (dg, du)
+}
+
+/// Threads per block of the `swiglu_*` kernels.
+const SWIGLU_THREADS: u32 = 256;
+
+/// Blocks for `n` elements in 16-byte packs of `elem_bytes`-byte elements.
+fn swiglu_blocks(n: usize, elem_bytes: usize) -> usize {
+    n.div_ceil(16 / elem_bytes).div_ceil(SWIGLU_THREADS as usize)
+}
+
+fn check_same_shape(op: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let shape = tensors[0].1.shape();
+    match tensors.iter().find(|(_, t)| t.shape() != shape) {
+        Some((what, t)) => Err(Error::shape(op, format!("{what} is {:?}, {} {shape:?}", t.shape(), tensors[0].0))),
+        None => Ok(()),
+    }
+}
+
+/// [`swiglu_forward`] on a device: `h = silu(g)·u` for `g`, `u` of one shape, both f32 or
+/// both bf16.
+pub fn swiglu_forward_device(dev: &Arc<dyn Device>, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let operands = [("gate", g), ("up", u)];
+    let kernel = kernel_for("swiglu_fwd", &operands)?;
+    check_same_shape("swiglu", &operands)?;
+    let h = Tensor::empty(g.shape(), g.dtype(), &Backend::Device(dev.clone()))?;
+    let p = SwigluParams {
+        g: g.device_ptr()?.as_ptr(),
+        u: u.device_ptr()?.as_ptr(),
+        dh: std::ptr::null(),
+        out: h.device_ptr()?.as_mut_ptr(),
+        out2: std::ptr::null_mut(),
+        n: g.numel() as i64,
+    };
+    // SAFETY: g, u, h hold n elements of the kernel's dtype.
+    unsafe { launch(dev, &kernel, swiglu_blocks(g.numel(), g.dtype().size()), SWIGLU_THREADS, &p)? };
+    Ok(h)
+}
+
+/// [`swiglu_backward`] on a device: `(dg, du)` from `dh` and the saved `g`, `u` (one shape and
+/// dtype, f32 or bf16).
+pub fn swiglu_backward_device(dev: &Arc<dyn Device>, dh: &Tensor, g: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
+    let operands = [("gate", g), ("up", u), ("output gradient", dh)];
+    let kernel = kernel_for("swiglu_bwd", &operands)?;
+    check_same_shape("swiglu backward", &operands)?;
+    let backend = Backend::Device(dev.clone());
+    let (dg, du) = (Tensor::empty(g.shape(), g.dtype(), &backend)?, Tensor::empty(g.shape(), g.dtype(), &backend)?);
+    let p = SwigluParams {
+        g: g.device_ptr()?.as_ptr(),
+        u: u.device_ptr()?.as_ptr(),
+        dh: dh.device_ptr()?.as_ptr(),
+        out: dg.device_ptr()?.as_mut_ptr(),
+        out2: du.device_ptr()?.as_mut_ptr(),
+        n: g.numel() as i64,
+    };
+    // SAFETY: every pointer holds n elements of the kernel's dtype.
+    unsafe { launch(dev, &kernel, swiglu_blocks(g.numel(), g.dtype().size()), SWIGLU_THREADS, &p)? };
+    Ok((dg, du))
 }
