@@ -147,3 +147,56 @@ fn swiglu_forward_and_backward() {
     let (a, b) = (upload(&backend, &[4], &[1.0; 4], DType::F32), upload(&backend, &[2, 2], &[1.0; 4], DType::F32));
     assert!(swiglu_forward_device(&dev, &a, &b).unwrap_err().to_string().contains("[2, 2]"));
 }
+
+#[test]
+fn rope_forward_and_inverse() {
+    use lorafuse::ops::rope::{apply, apply_device, inv_freq, RopeScaling, RopeTable};
+    let (dev, backend) = sim();
+    let mut rng = TestRng::new(47);
+    let scaling = RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64.0,
+    };
+    // (rows, heads, head dim, seq, pos0): head dim 6 (half 3) takes the scalar path, 16 and 64
+    // the packs; rows over several sequences; a start position for cached decoding.
+    for (rows, heads, d, seq, pos0, scaled) in
+        [(5, 2, 6, 5, 0, false), (12, 3, 16, 4, 2, true), (9, 2, 64, 9, 7, false)]
+    {
+        let table = RopeTable::new(&inv_freq(d, 10000.0, scaled.then_some(&scaling)), 32);
+        let dt = table.to_device(&dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = rounded(&rng.vec_f32(rows * heads * d), dtype);
+            let mut want = vec![0f64; x.len()];
+            for (e, w) in want.iter_mut().enumerate() {
+                let (row, i) = (e / (heads * d), e % d);
+                let (j, pos) = (i % (d / 2), pos0 + row % seq);
+                let (c, s) = (table.cos[pos * d / 2 + j] as f64, table.sin[pos * d / 2 + j] as f64);
+                let (a, b) = (x[e - i + j] as f64, x[e - i + j + d / 2] as f64);
+                *w = if i < d / 2 { a * c - b * s } else { b * c + a * s };
+            }
+            let what = format!("rows {rows} heads {heads} d {d} {dtype:?}");
+            let xt = upload(&backend, &[rows, heads * d], &x, dtype);
+            apply_device(&dev, &xt, heads, seq, pos0, &dt, false).unwrap();
+            let got = download(&xt);
+            assert!(rel_err(&got, &want) < tol(dtype), "forward {what}: {}", rel_err(&got, &want));
+            if dtype == DType::F32 {
+                let mut cpu = x.clone();
+                apply(&mut cpu, heads, seq, pos0, &table, false).unwrap();
+                assert!(
+                    rel_err(&got, &cpu.iter().map(|&v| v as f64).collect::<Vec<_>>()) < F32_VS_CPU,
+                    "vs CPU {what}"
+                );
+            }
+            // The inverse undoes it.
+            apply_device(&dev, &xt, heads, seq, pos0, &dt, true).unwrap();
+            let back = download(&xt);
+            assert!(rel_err(&back, &x.iter().map(|&v| v as f64).collect::<Vec<_>>()) < tol(dtype), "inverse {what}");
+        }
+    }
+    let dt = RopeTable::new(&inv_freq(8, 10000.0, None), 4).to_device(&dev).unwrap();
+    let x = upload(&backend, &[6, 8], &[0.5; 48], DType::F32);
+    assert!(apply_device(&dev, &x, 1, 6, 0, &dt, false).unwrap_err().to_string().contains("beyond"));
+    assert!(apply_device(&dev, &x, 5, 6, 0, &dt, false).unwrap_err().to_string().contains("rows of 5×8"));
+}

@@ -7,9 +7,17 @@
 //! ```
 //! Backward is the rotation by `−θ`. `f_i = 1/theta^(2i/d)` in f32, optionally rescaled by
 //! the `llama3` rule (see [`RopeScaling`]).
+//!
+//! On a device: [`apply_device`] (`kernels/rope.cu`) with the table uploaded once
+//! ([`RopeTable::to_device`]), in place on f32 or bf16 tensors.
 
+use super::rowwise::{kernel_for, launch};
+use crate::device::params::RopeParams;
+use crate::device::{Backend, Device};
+use crate::tensor::{HostData, Tensor};
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Llama-3 frequency scaling (`rope_type: "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,19 +82,84 @@ impl RopeTable {
     pub fn max_pos(&self) -> usize {
         self.cos.len() / self.half.max(1)
     }
+    /// The table on a device, for [`apply_device`].
+    pub fn to_device(&self, dev: &Arc<dyn Device>) -> Result<RopeDeviceTable> {
+        let backend = Backend::Device(dev.clone());
+        let upload = |v: &[f32]| Tensor::from_host(&[v.len()], HostData::F32(v.to_vec()))?.to_backend(&backend);
+        Ok(RopeDeviceTable {
+            half: self.half,
+            max_pos: self.max_pos(),
+            cos: upload(&self.cos)?,
+            sin: upload(&self.sin)?,
+        })
+    }
+}
+
+/// A [`RopeTable`] on a device (f32 `cos`, `sin`, `[max_pos, half]` each).
+#[derive(Debug)]
+pub struct RopeDeviceTable {
+    pub half: usize,
+    pub max_pos: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Threads per block of the `rope_*` kernels.
+const ROPE_THREADS: u32 = 256;
+
+/// [`apply`] on a device: rotates `x` (f32 or bf16, rows of `heads·2·half`) in place.
+pub fn apply_device(
+    dev: &Arc<dyn Device>,
+    x: &Tensor,
+    heads: usize,
+    seq: usize,
+    pos0: usize,
+    t: &RopeDeviceTable,
+    inverse: bool,
+) -> Result<()> {
+    let kernel = kernel_for("rope", &[("input", x)])?;
+    let rows = check_rows(x.numel(), heads, t.half, seq, pos0, t.max_pos)?;
+    let too_big = |v: usize| v > i32::MAX as usize;
+    if too_big(heads) || too_big(t.half) || too_big(seq) || too_big(pos0) {
+        return Err(Error::shape("rope", "heads, head size, sequence or position exceed the kernel's 32 bits"));
+    }
+    let p = RopeParams {
+        x: x.device_ptr()?.as_mut_ptr(),
+        cos: t.cos.device_ptr()?.as_ptr(),
+        sin: t.sin.device_ptr()?.as_ptr(),
+        rows: rows as i64,
+        heads: heads as i32,
+        half: t.half as i32,
+        seq: seq as i32,
+        pos0: pos0 as i32,
+        sign: if inverse { -1.0 } else { 1.0 },
+    };
+    // One thread per (row, head, 16-byte pack of the first half).
+    let units = rows * heads * t.half.div_ceil(16 / x.dtype().size());
+    // SAFETY: x holds rows·heads·2·half elements; the tables max_pos·half f32, and every row's
+    // position was checked to be below max_pos.
+    unsafe { launch(dev, &kernel, units.div_ceil(ROPE_THREADS as usize), ROPE_THREADS, &p) }
+}
+
+/// Rows of `len` elements of `heads` heads of `2·half`, checked against a table of `max_pos`
+/// positions: row `r` is at `pos0 + r % seq`.
+fn check_rows(len: usize, heads: usize, half: usize, seq: usize, pos0: usize, max_pos: usize) -> Result<usize> {
+    let d = 2 * half;
+    if heads == 0 || d == 0 || !len.is_multiple_of(heads * d) || seq == 0 {
+        return Err(Error::shape("rope", format!("{len} elements are not rows of {heads}×{d}")));
+    }
+    let rows = len / (heads * d);
+    if pos0 + seq.min(rows) > max_pos {
+        return Err(Error::shape("rope", format!("position {} beyond the table's {max_pos}", pos0 + seq)));
+    }
+    Ok(rows)
 }
 
 /// Rotates `x [rows, heads·d]` in place; row `r` is at position `pos0 + r % seq`
 /// (`seq` rows per sequence). `inverse` rotates by `−θ` (the backward).
 pub fn apply(x: &mut [f32], heads: usize, seq: usize, pos0: usize, t: &RopeTable, inverse: bool) -> Result<()> {
     let (h2, d) = (t.half, 2 * t.half);
-    if !x.len().is_multiple_of(heads * d) || seq == 0 {
-        return Err(Error::shape("rope", format!("{} elements are not rows of {heads}×{d}", x.len())));
-    }
-    let rows = x.len() / (heads * d);
-    if pos0 + seq.min(rows) > t.max_pos() {
-        return Err(Error::shape("rope", format!("position {} beyond the table's {}", pos0 + seq, t.max_pos())));
-    }
+    check_rows(x.len(), heads, h2, seq, pos0, t.max_pos())?;
     let sign = if inverse { -1.0 } else { 1.0 };
     x.par_chunks_mut(heads * d).enumerate().for_each(|(r, row)| {
         let p = pos0 + r % seq;
