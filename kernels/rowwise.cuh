@@ -69,6 +69,9 @@ template <class T, int N> __device__ __forceinline__ void store(T* p, const floa
 
 constexpr unsigned WARP_FULL_MASK = 0xffffffffu;
 
+// −∞ (NVRTC has no INFINITY macro).
+__device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
+
 struct SumOp {
     __device__ float operator()(float a, float b) const { return a + b; }
 };
