@@ -222,3 +222,28 @@ typedef struct CrossEntropyParams {
     int vocab;
     float inv_count;
 } CrossEntropyParams;
+
+/// Causal grouped-query attention on CUDA cores (kernels/attention.cu; src/ops/attention.rs),
+/// T by kernel suffix, f32 arithmetic. q `[B·tq, heads·d]`, k, v `[B·tk, kv_heads·d]`
+/// (token-major); query head h reads KV head h / (heads/kv_heads); query i sees keys
+/// j ≤ i + tk − tq; d ≤ 256. scale = d^-½.
+/// attention_fwd_*: out = O `[B·tq, heads·d]`, lse `[B, heads, tq]` f32 written.
+/// attention_bwd_dq_*: out = dQ, delta `[B, heads, tq]` = rowsum(P∘dP) written (dout, lse read).
+/// attention_bwd_dkv_*: out = dK, out2 = dV `[B·tk, kv_heads·d]` (dout, lse, delta read).
+typedef struct AttentionParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* dout;
+    void* out;
+    void* out2;
+    float* lse;
+    float* delta;
+    int batch;
+    int tq;
+    int tk;
+    int heads;
+    int kv_heads;
+    int head_dim;
+    float scale;
+} AttentionParams;

@@ -273,3 +273,63 @@ fn cross_entropy_loss_and_gradient() {
         assert!(causal_lm_loss_device(&dev, &lt, &[0, 1], 2, 5).is_err());
     }
 }
+
+#[test]
+fn attention_forward_and_backward() {
+    use lorafuse::ops::attention::{
+        attention_backward, attention_backward_device, attention_forward, attention_forward_device, AttnShape,
+    };
+    let as64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    for (dev, backend) in sims() {
+        let mut rng = TestRng::new(59);
+        // Head size 8 (scalar path in bf16, one lane in four used), 16, 40 (two dimension
+        // registers per lane, clamped), 64; GQA groups of 1, 2, 3; a KV cache (tk > tq); more
+        // than 32 keys (several chunks).
+        let shapes = [
+            AttnShape { batch: 1, tq: 5, tk: 5, heads: 2, kv_heads: 2, head_dim: 8 },
+            AttnShape { batch: 2, tq: 7, tk: 9, heads: 4, kv_heads: 2, head_dim: 16 },
+            AttnShape { batch: 1, tq: 37, tk: 37, heads: 3, kv_heads: 1, head_dim: 40 },
+            AttnShape { batch: 1, tq: 3, tk: 35, heads: 2, kv_heads: 1, head_dim: 64 },
+        ];
+        for sh in shapes {
+            let (nq, nk) = (sh.batch * sh.tq * sh.heads * sh.head_dim, sh.batch * sh.tk * sh.kv_heads * sh.head_dim);
+            for dtype in [DType::F32, DType::BF16] {
+                let (q, k, v, dout) = (
+                    rounded(&rng.vec_f32(nq), dtype),
+                    rounded(&rng.vec_f32(nk), dtype),
+                    rounded(&rng.vec_f32(nk), dtype),
+                    rounded(&rng.vec_f32(nq), dtype),
+                );
+                // The CPU op on the same (rounded) inputs is the reference: itself checked
+                // against float64 and finite differences in src/ops/attention.rs's tests.
+                let (o_cpu, lse_cpu) = attention_forward(&q, &k, &v, sh).unwrap();
+                let (dq_cpu, dk_cpu, dv_cpu) = attention_backward(&dout, &q, &k, &v, &lse_cpu, sh).unwrap();
+                let up = |x: &[f32], n: usize, w: usize| upload(&backend, &[n / w, w], x, dtype);
+                let (qt, kt, vt) = (
+                    up(&q, nq, sh.heads * sh.head_dim),
+                    up(&k, nk, sh.kv_heads * sh.head_dim),
+                    up(&v, nk, sh.kv_heads * sh.head_dim),
+                );
+                let (o, lse) = attention_forward_device(&dev, &qt, &kt, &vt, sh).unwrap();
+                let dt = up(&dout, nq, sh.heads * sh.head_dim);
+                let (dq, dk, dv) = attention_backward_device(&dev, &dt, &qt, &kt, &vt, &lse, sh).unwrap();
+                let what = format!("{sh:?} {dtype:?}");
+                let limit = if dtype == DType::BF16 { BF16_VS_F64 } else { 1e-5 };
+                for (name, got, want) in [
+                    ("o", download(&o), &o_cpu),
+                    ("lse", download(&lse), &lse_cpu),
+                    ("dq", download(&dq), &dq_cpu),
+                    ("dk", download(&dk), &dk_cpu),
+                    ("dv", download(&dv), &dv_cpu),
+                ] {
+                    let e = rel_err(&got, &as64(want));
+                    assert!(e < limit, "{name} {what}: {e}");
+                }
+            }
+        }
+        let t = |n: usize| upload(&backend, &[n], &vec![0.5; n], DType::F32);
+        let sh = AttnShape { batch: 1, tq: 2, tk: 2, heads: 1, kv_heads: 1, head_dim: 300 };
+        let err = attention_forward_device(&dev, &t(600), &t(600), &t(600), sh).unwrap_err().to_string();
+        assert!(err.contains("head size 300"), "{err}");
+    }
+}

@@ -628,3 +628,79 @@ const _: () = {
         "Offset of field: CrossEntropyParams::inv_count",
     ][::std::mem::offset_of!(CrossEntropyParams, inv_count) - 44usize];
 };
+/** Causal grouped-query attention on CUDA cores (kernels/attention.cu; src/ops/attention.rs),
+ T by kernel suffix, f32 arithmetic. q `[B·tq, heads·d]`, k, v `[B·tk, kv_heads·d]`
+ (token-major); query head h reads KV head h / (heads/kv_heads); query i sees keys
+ j ≤ i + tk − tq; d ≤ 256. scale = d^-½.
+ attention_fwd_*: out = O `[B·tq, heads·d]`, lse `[B, heads, tq]` f32 written.
+ attention_bwd_dq_*: out = dQ, delta `[B, heads, tq]` = rowsum(P∘dP) written (dout, lse read).
+ attention_bwd_dkv_*: out = dK, out2 = dV `[B·tk, kv_heads·d]` (dout, lse, delta read).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct AttentionParams {
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
+    pub v: *const ::std::os::raw::c_void,
+    pub dout: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub out2: *mut ::std::os::raw::c_void,
+    pub lse: *mut f32,
+    pub delta: *mut f32,
+    pub batch: ::std::os::raw::c_int,
+    pub tq: ::std::os::raw::c_int,
+    pub tk: ::std::os::raw::c_int,
+    pub heads: ::std::os::raw::c_int,
+    pub kv_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttentionParams"][::std::mem::size_of::<AttentionParams>() - 96usize];
+    ["Alignment of AttentionParams"][::std::mem::align_of::<AttentionParams>() - 8usize];
+    [
+        "Offset of field: AttentionParams::q",
+    ][::std::mem::offset_of!(AttentionParams, q) - 0usize];
+    [
+        "Offset of field: AttentionParams::k",
+    ][::std::mem::offset_of!(AttentionParams, k) - 8usize];
+    [
+        "Offset of field: AttentionParams::v",
+    ][::std::mem::offset_of!(AttentionParams, v) - 16usize];
+    [
+        "Offset of field: AttentionParams::dout",
+    ][::std::mem::offset_of!(AttentionParams, dout) - 24usize];
+    [
+        "Offset of field: AttentionParams::out",
+    ][::std::mem::offset_of!(AttentionParams, out) - 32usize];
+    [
+        "Offset of field: AttentionParams::out2",
+    ][::std::mem::offset_of!(AttentionParams, out2) - 40usize];
+    [
+        "Offset of field: AttentionParams::lse",
+    ][::std::mem::offset_of!(AttentionParams, lse) - 48usize];
+    [
+        "Offset of field: AttentionParams::delta",
+    ][::std::mem::offset_of!(AttentionParams, delta) - 56usize];
+    [
+        "Offset of field: AttentionParams::batch",
+    ][::std::mem::offset_of!(AttentionParams, batch) - 64usize];
+    [
+        "Offset of field: AttentionParams::tq",
+    ][::std::mem::offset_of!(AttentionParams, tq) - 68usize];
+    [
+        "Offset of field: AttentionParams::tk",
+    ][::std::mem::offset_of!(AttentionParams, tk) - 72usize];
+    [
+        "Offset of field: AttentionParams::heads",
+    ][::std::mem::offset_of!(AttentionParams, heads) - 76usize];
+    [
+        "Offset of field: AttentionParams::kv_heads",
+    ][::std::mem::offset_of!(AttentionParams, kv_heads) - 80usize];
+    [
+        "Offset of field: AttentionParams::head_dim",
+    ][::std::mem::offset_of!(AttentionParams, head_dim) - 84usize];
+    [
+        "Offset of field: AttentionParams::scale",
+    ][::std::mem::offset_of!(AttentionParams, scale) - 88usize];
+};

@@ -9,11 +9,20 @@
 //! ```
 //! Forward saves only `lse [B, H, Tq]`; backward recomputes `P` from `q`, `k` and `lse`.
 //! Queries are processed in blocks of 32 rows, each against only the keys it can see.
+//!
+//! On a device: [`attention_forward_device`], [`attention_backward_device`]
+//! (`kernels/attention.cu`, flash-style on CUDA cores, f32 or bf16, head size ≤ 256), the same
+//! shapes and the same saved `lse`.
 
 use super::matmul::{gemm, gemm_new, Tr};
+use super::rowwise::{kernel_for, launch};
 use super::simd::{exp, par_zeros, with_simd};
+use crate::device::params::AttentionParams;
+use crate::device::{Backend, Device};
+use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,5 +203,102 @@ pub fn attention_backward(
             }
         },
     );
+    Ok((dq, dk, dv))
+}
+
+/// Threads per block of the attention kernels: four warps, one row each.
+const ATT_THREADS: u32 = 128;
+/// The kernels keep a head's row in 32 lanes × 8 registers.
+const ATT_MAX_HEAD_DIM: usize = 256;
+
+/// The kernels' parameters for `sh` (checked), with no pointer set yet.
+fn device_params(sh: &AttnShape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionParams> {
+    sh.validate(q.numel(), k.numel(), v.numel())?;
+    if sh.head_dim == 0 || sh.head_dim > ATT_MAX_HEAD_DIM {
+        return Err(Error::shape("attention", format!("head size {} not in 1..={ATT_MAX_HEAD_DIM}", sh.head_dim)));
+    }
+    let dims = [sh.batch, sh.tq, sh.tk, sh.heads, sh.kv_heads, sh.head_dim];
+    if dims.iter().any(|&v| v > i32::MAX as usize) || sh.batch * sh.tk * sh.heads > i32::MAX as usize {
+        return Err(Error::shape("attention", format!("{sh:?} exceeds the kernels' 32-bit indices")));
+    }
+    let i = |v: usize| v as i32;
+    Ok(AttentionParams {
+        q: q.device_ptr()?.as_ptr(),
+        k: k.device_ptr()?.as_ptr(),
+        v: v.device_ptr()?.as_ptr(),
+        dout: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        out2: std::ptr::null_mut(),
+        lse: std::ptr::null_mut(),
+        delta: std::ptr::null_mut(),
+        batch: i(sh.batch),
+        tq: i(sh.tq),
+        tk: i(sh.tk),
+        heads: i(sh.heads),
+        kv_heads: i(sh.kv_heads),
+        head_dim: i(sh.head_dim),
+        scale: sh.scale(),
+    })
+}
+
+/// Blocks for one warp per row.
+fn warp_blocks(rows: usize) -> usize {
+    rows.div_ceil(ATT_THREADS as usize / 32)
+}
+
+/// [`attention_forward`] on a device: `(o, lse)` for `q`, `k`, `v` of one dtype (f32 or bf16);
+/// `o` has `q`'s shape and dtype, `lse [B, H, Tq]` is f32.
+pub fn attention_forward_device(
+    dev: &Arc<dyn Device>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sh: AttnShape,
+) -> Result<(Tensor, Tensor)> {
+    let kernel = kernel_for("attention_fwd", &[("q", q), ("k", k), ("v", v)])?;
+    let mut p = device_params(&sh, q, k, v)?;
+    let backend = Backend::Device(dev.clone());
+    let rows = sh.batch * sh.heads * sh.tq;
+    let (o, lse) = (Tensor::empty(q.shape(), q.dtype(), &backend)?, Tensor::empty(&[rows], DType::F32, &backend)?);
+    (p.out, p.lse) = (o.device_ptr()?.as_mut_ptr(), lse.device_ptr()?.as_mut_ptr());
+    // SAFETY: q, o hold B·Tq·H·d elements, k, v B·Tk·Hkv·d (validated), lse B·H·Tq f32.
+    unsafe { launch(dev, &kernel, warp_blocks(rows), ATT_THREADS, &p)? };
+    Ok((o, lse))
+}
+
+/// [`attention_backward`] on a device: `(dq, dk, dv)` from `dout` (shape and dtype of `q`), the
+/// inputs and the forward's `lse`. `dk`, `dv` sum over each KV head's group of query heads.
+pub fn attention_backward_device(
+    dev: &Arc<dyn Device>,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lse: &Tensor,
+    sh: AttnShape,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let operands = [("q", q), ("k", k), ("v", v), ("output gradient", dout)];
+    let (dq_kernel, dkv_kernel) =
+        (kernel_for("attention_bwd_dq", &operands)?, kernel_for("attention_bwd_dkv", &operands)?);
+    let mut p = device_params(&sh, q, k, v)?;
+    let rows = sh.batch * sh.heads * sh.tq;
+    if dout.shape() != q.shape() || lse.dtype() != DType::F32 || lse.numel() != rows {
+        return Err(Error::shape(
+            "attention backward",
+            format!("dout {:?}, lse {:?} {:?} for q {:?}", dout.shape(), lse.shape(), lse.dtype(), q.shape()),
+        ));
+    }
+    let backend = Backend::Device(dev.clone());
+    let dq = Tensor::empty(q.shape(), q.dtype(), &backend)?;
+    let (dk, dv) = (Tensor::empty(k.shape(), k.dtype(), &backend)?, Tensor::empty(v.shape(), v.dtype(), &backend)?);
+    let delta = Tensor::empty(&[rows], DType::F32, &backend)?;
+    p.dout = dout.device_ptr()?.as_ptr();
+    (p.lse, p.delta) = (lse.device_ptr()?.as_mut_ptr(), delta.device_ptr()?.as_mut_ptr());
+    p.out = dq.device_ptr()?.as_mut_ptr();
+    // SAFETY: as the forward, plus dout (q's size), dq, and delta (B·H·Tq f32, written here).
+    unsafe { launch(dev, &dq_kernel, warp_blocks(rows), ATT_THREADS, &p)? };
+    (p.out, p.out2) = (dk.device_ptr()?.as_mut_ptr(), dv.device_ptr()?.as_mut_ptr());
+    // SAFETY: dk, dv hold k's size; delta was written by the launch before, on the same stream.
+    unsafe { launch(dev, &dkv_kernel, warp_blocks(sh.batch * sh.kv_heads * sh.tk), ATT_THREADS, &p)? };
     Ok((dq, dk, dv))
 }

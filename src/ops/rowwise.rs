@@ -1,8 +1,9 @@
 //! Launch helpers shared by the Llama layer kernels (`kernels/rowwise.cuh` and the kernels that
-//! include it: `norm.cu`, `activation.cu`, `rope.cu`, `loss.cu`); each op's wrapper sits beside
-//! its CPU reference ([`super::norm`], [`super::activation`], [`super::rope`], [`super::loss`]).
+//! include it: `norm.cu`, `activation.cu`, `rope.cu`, `loss.cu`, `attention.cu`); each op's
+//! wrapper sits beside its CPU reference ([`super::norm`], [`super::activation`],
+//! [`super::rope`], [`super::loss`], [`super::attention`]).
 
-use crate::device::params::{CrossEntropyParams, RmsNormParams, RopeParams, SwigluParams};
+use crate::device::params::{AttentionParams, CrossEntropyParams, RmsNormParams, RopeParams, SwigluParams};
 use crate::device::{blocks_for, Device, KernelParams, LaunchConfig, ParamBytes};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -16,6 +17,8 @@ unsafe impl KernelParams for SwigluParams {}
 unsafe impl KernelParams for RopeParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for CrossEntropyParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for AttentionParams {}
 
 /// Most blocks one launch starts; the kernels loop over the rest (grid stride).
 const MAX_BLOCKS: u32 = 1 << 16;
