@@ -168,9 +168,9 @@ typedef struct QloraBackwardParams {
 
 /// RMSNorm over rows of k elements (kernels/norm.cu; CPU reference src/ops/norm.rs), one block
 /// per row, element type T by kernel suffix (_f32, _bf16), f32 arithmetic:
-/// rms_norm_fwd_*: rstd[r] = 1/√(mean_k x[r,k]² + eps) (f32, written), out = T(w ⊙ T(x·rstd))
+/// rms_norm_fwd_*: `rstd[r] = 1/√(mean_k x[r,k]² + eps)` (f32, written), `out = T(w ⊙ T(x·rstd))`
 /// (Hugging Face: normalize in f32, cast to the input type, then scale);
-/// rms_norm_bwd_*: out = dx = rstd·(g − x̂·mean_k(g·x̂)), g = dy·w, x̂ = x·rstd (rstd read).
+/// rms_norm_bwd_*: `out = dx = rstd·(g − x̂·mean_k(g·x̂))`, `g = dy·w`, `x̂ = x·rstd` (rstd read).
 typedef struct RmsNormParams {
     const void* x;
     const void* w;
@@ -211,8 +211,8 @@ typedef struct RopeParams {
 
 /// Causal-LM cross-entropy (kernels/loss.cu; src/ops/loss.rs), one block per row of logits
 /// `[rows, vocab]` (T by kernel suffix): targets `[rows]` (the host shifts the labels; −100 is
-/// not counted). loss_rows[r] = logsumexp(logits[r]) − logits[r, t] (f32; 0 when not counted);
-/// dlogits[r] = (softmax(logits[r]) − onehot(t))·inv_count (all 0 when not counted).
+/// not counted). `loss_rows[r] = logsumexp(logits[r]) − logits[r, t]` (f32; 0 when not counted);
+/// `dlogits[r] = (softmax(logits[r]) − onehot(t))·inv_count` (all 0 when not counted).
 typedef struct CrossEntropyParams {
     const void* logits;
     const long long* targets;
@@ -247,3 +247,30 @@ typedef struct AttentionParams {
     int head_dim;
     float scale;
 } AttentionParams;
+
+/// AdamW on f32 parameters (kernels/optim.cu; CPU: src/train/mod.rs, `AdamW::step`), n elements:
+/// g' = grad_scale·g; p −= lr·weight_decay·p; m = β1·m + (1−β1)·g'; v = β2·v + (1−β2)·g'²;
+/// p −= step·m / (√v / bc2s + eps), with step = lr/(1−β1^t), bc2s = √(1−β2^t).
+typedef struct AdamWParams {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    long long n;
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float weight_decay;
+    float step;
+    float bc2s;
+    float grad_scale;
+} AdamWParams;
+
+/// Σ x² of f32 x `[n]` (kernels/optim.cu, sum_squares_f32): block b writes its grid-stride
+/// share's sum to `partials[b]`, in a fixed order; the host adds the partials in order.
+typedef struct SumSquaresParams {
+    const float* x;
+    float* partials;
+    long long n;
+} SumSquaresParams;

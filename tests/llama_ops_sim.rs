@@ -333,3 +333,45 @@ fn attention_forward_and_backward() {
         assert!(err.contains("head size 300"), "{err}");
     }
 }
+
+/// Three AdamW steps on the device equal the CPU update element by element (same f32
+/// formula); the sum of squares behind gradient clipping against float64.
+#[test]
+fn adamw_and_gradient_norm() {
+    use lorafuse::train::{adamw_update_device, sum_squares_device, AdamW};
+    for (dev, backend) in sims() {
+        let mut rng = TestRng::new(61);
+        let mut opt = AdamW::new(1e-2);
+        opt.weight_decay = 0.1;
+        // 1029 = 257 packs of 4 and a tail; 3: tail only.
+        for n in [3, 1029] {
+            let (mut p, mut m, mut v) = (rng.vec_f32(n), vec![0f32; n], vec![0f32; n]);
+            let (pt, mt, vt) = (
+                upload(&backend, &[n], &p, DType::F32),
+                upload(&backend, &[n], &m, DType::F32),
+                upload(&backend, &[n], &v, DType::F32),
+            );
+            for t in 1..=3 {
+                let (g, scale) = (rng.vec_f32(n), 0.5 + 0.25 * t as f32);
+                let gt = upload(&backend, &[n], &g, DType::F32);
+                let c = opt.constants(t);
+                adamw_update_device(&dev, &c, (&pt, &gt, &mt, &vt), scale).unwrap();
+                for i in 0..n {
+                    c.update(&mut p[i], scale * g[i], &mut m[i], &mut v[i]);
+                }
+                let as64 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                for (name, got, want) in [("p", &pt, &p), ("m", &mt, &m), ("v", &vt, &v)] {
+                    let e = rel_err(&download(got), &as64(want));
+                    assert!(e < F32_VS_CPU, "{name} n {n} step {t}: {e}");
+                }
+            }
+            let x = rng.vec_f32(n);
+            let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            let got = sum_squares_device(&dev, &upload(&backend, &[n], &x, DType::F32)).unwrap();
+            assert!(((got - want) / want).abs() < 1e-6, "sum of squares n {n}: {got} vs {want}");
+        }
+        let (a, b) = (upload(&backend, &[4], &[1.0; 4], DType::F32), upload(&backend, &[5], &[1.0; 5], DType::F32));
+        let err = adamw_update_device(&dev, &opt.constants(1), (&a, &b, &a, &a), 1.0).unwrap_err().to_string();
+        assert!(err.contains("gradient"), "{err}");
+    }
+}

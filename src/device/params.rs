@@ -457,9 +457,9 @@ const _: () = {
 };
 /** RMSNorm over rows of k elements (kernels/norm.cu; CPU reference src/ops/norm.rs), one block
  per row, element type T by kernel suffix (_f32, _bf16), f32 arithmetic:
- rms_norm_fwd_*: rstd[r] = 1/√(mean_k x[r,k]² + eps) (f32, written), out = T(w ⊙ T(x·rstd))
+ rms_norm_fwd_*: `rstd[r] = 1/√(mean_k x[r,k]² + eps)` (f32, written), `out = T(w ⊙ T(x·rstd))`
  (Hugging Face: normalize in f32, cast to the input type, then scale);
- rms_norm_bwd_*: out = dx = rstd·(g − x̂·mean_k(g·x̂)), g = dy·w, x̂ = x·rstd (rstd read).*/
+ rms_norm_bwd_*: `out = dx = rstd·(g − x̂·mean_k(g·x̂))`, `g = dy·w`, `x̂ = x·rstd` (rstd read).*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct RmsNormParams {
@@ -585,8 +585,8 @@ const _: () = {
 };
 /** Causal-LM cross-entropy (kernels/loss.cu; src/ops/loss.rs), one block per row of logits
  `[rows, vocab]` (T by kernel suffix): targets `[rows]` (the host shifts the labels; −100 is
- not counted). loss_rows[r] = logsumexp(logits[r]) − logits[r, t] (f32; 0 when not counted);
- dlogits[r] = (softmax(logits[r]) − onehot(t))·inv_count (all 0 when not counted).*/
+ not counted). `loss_rows[r] = logsumexp(logits[r]) − logits[r, t]` (f32; 0 when not counted);
+ `dlogits[r] = (softmax(logits[r]) − onehot(t))·inv_count` (all 0 when not counted).*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct CrossEntropyParams {
@@ -703,4 +703,89 @@ const _: () = {
     [
         "Offset of field: AttentionParams::scale",
     ][::std::mem::offset_of!(AttentionParams, scale) - 88usize];
+};
+/** AdamW on f32 parameters (kernels/optim.cu; CPU: src/train/mod.rs, `AdamW::step`), n elements:
+ g' = grad_scale·g; p −= lr·weight_decay·p; m = β1·m + (1−β1)·g'; v = β2·v + (1−β2)·g'²;
+ p −= step·m / (√v / bc2s + eps), with step = lr/(1−β1^t), bc2s = √(1−β2^t).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct AdamWParams {
+    pub p: *mut f32,
+    pub g: *const f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub n: ::std::os::raw::c_longlong,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: f32,
+    pub bc2s: f32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AdamWParams"][::std::mem::size_of::<AdamWParams>() - 72usize];
+    ["Alignment of AdamWParams"][::std::mem::align_of::<AdamWParams>() - 8usize];
+    ["Offset of field: AdamWParams::p"][::std::mem::offset_of!(AdamWParams, p) - 0usize];
+    ["Offset of field: AdamWParams::g"][::std::mem::offset_of!(AdamWParams, g) - 8usize];
+    [
+        "Offset of field: AdamWParams::m",
+    ][::std::mem::offset_of!(AdamWParams, m) - 16usize];
+    [
+        "Offset of field: AdamWParams::v",
+    ][::std::mem::offset_of!(AdamWParams, v) - 24usize];
+    [
+        "Offset of field: AdamWParams::n",
+    ][::std::mem::offset_of!(AdamWParams, n) - 32usize];
+    [
+        "Offset of field: AdamWParams::lr",
+    ][::std::mem::offset_of!(AdamWParams, lr) - 40usize];
+    [
+        "Offset of field: AdamWParams::beta1",
+    ][::std::mem::offset_of!(AdamWParams, beta1) - 44usize];
+    [
+        "Offset of field: AdamWParams::beta2",
+    ][::std::mem::offset_of!(AdamWParams, beta2) - 48usize];
+    [
+        "Offset of field: AdamWParams::eps",
+    ][::std::mem::offset_of!(AdamWParams, eps) - 52usize];
+    [
+        "Offset of field: AdamWParams::weight_decay",
+    ][::std::mem::offset_of!(AdamWParams, weight_decay) - 56usize];
+    [
+        "Offset of field: AdamWParams::step",
+    ][::std::mem::offset_of!(AdamWParams, step) - 60usize];
+    [
+        "Offset of field: AdamWParams::bc2s",
+    ][::std::mem::offset_of!(AdamWParams, bc2s) - 64usize];
+    [
+        "Offset of field: AdamWParams::grad_scale",
+    ][::std::mem::offset_of!(AdamWParams, grad_scale) - 68usize];
+};
+/** Σ x² of f32 x `[n]` (kernels/optim.cu, sum_squares_f32): block b writes its grid-stride
+ share's sum to `partials[b]`, in a fixed order; the host adds the partials in order.*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct SumSquaresParams {
+    pub x: *const f32,
+    pub partials: *mut f32,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SumSquaresParams"][::std::mem::size_of::<SumSquaresParams>() - 24usize];
+    [
+        "Alignment of SumSquaresParams",
+    ][::std::mem::align_of::<SumSquaresParams>() - 8usize];
+    [
+        "Offset of field: SumSquaresParams::x",
+    ][::std::mem::offset_of!(SumSquaresParams, x) - 0usize];
+    [
+        "Offset of field: SumSquaresParams::partials",
+    ][::std::mem::offset_of!(SumSquaresParams, partials) - 8usize];
+    [
+        "Offset of field: SumSquaresParams::n",
+    ][::std::mem::offset_of!(SumSquaresParams, n) - 16usize];
 };
