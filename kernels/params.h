@@ -274,3 +274,13 @@ typedef struct SumSquaresParams {
     float* partials;
     long long n;
 } SumSquaresParams;
+
+/// Token embedding lookup (kernels/embedding.cu; src/ops/embedding.rs), T by kernel suffix:
+/// `out[t, :] = table[ids[t], :]` for `tokens` ids (checked < vocab on the host), rows of `dim`.
+typedef struct EmbeddingParams {
+    const void* table;
+    const unsigned* ids;
+    void* out;
+    long long tokens;
+    int dim;
+} EmbeddingParams;

@@ -375,3 +375,25 @@ fn adamw_and_gradient_norm() {
         assert!(err.contains("gradient"), "{err}");
     }
 }
+
+#[test]
+fn embedding_gather() {
+    use lorafuse::ops::embedding::{embedding, embedding_device};
+    for (dev, backend) in sims() {
+        let mut rng = TestRng::new(67);
+        // dim 12: packs in f32, element by element in bf16; 64: packs in both.
+        for (vocab, dim) in [(11, 12), (50, 64)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let table = rounded(&rng.vec_f32(vocab * dim), dtype);
+                let ids: Vec<u32> = (0..37).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+                let got =
+                    download(&embedding_device(&dev, &upload(&backend, &[vocab, dim], &table, dtype), &ids).unwrap());
+                let want = embedding(&table, dim, &ids).unwrap();
+                assert_eq!(got, want, "vocab {vocab} dim {dim} {dtype:?}: a gather copies exactly");
+            }
+        }
+        let table = upload(&backend, &[4, 8], &[0.5; 32], DType::F32);
+        let err = embedding_device(&dev, &table, &[1, 4]).unwrap_err().to_string();
+        assert!(err.contains("token id 4"), "{err}");
+    }
+}

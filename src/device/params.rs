@@ -789,3 +789,34 @@ const _: () = {
         "Offset of field: SumSquaresParams::n",
     ][::std::mem::offset_of!(SumSquaresParams, n) - 16usize];
 };
+/** Token embedding lookup (kernels/embedding.cu; src/ops/embedding.rs), T by kernel suffix:
+ `out[t, :] = table[ids[t], :]` for `tokens` ids (checked < vocab on the host), rows of `dim`.*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct EmbeddingParams {
+    pub table: *const ::std::os::raw::c_void,
+    pub ids: *const ::std::os::raw::c_uint,
+    pub out: *mut ::std::os::raw::c_void,
+    pub tokens: ::std::os::raw::c_longlong,
+    pub dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EmbeddingParams"][::std::mem::size_of::<EmbeddingParams>() - 40usize];
+    ["Alignment of EmbeddingParams"][::std::mem::align_of::<EmbeddingParams>() - 8usize];
+    [
+        "Offset of field: EmbeddingParams::table",
+    ][::std::mem::offset_of!(EmbeddingParams, table) - 0usize];
+    [
+        "Offset of field: EmbeddingParams::ids",
+    ][::std::mem::offset_of!(EmbeddingParams, ids) - 8usize];
+    [
+        "Offset of field: EmbeddingParams::out",
+    ][::std::mem::offset_of!(EmbeddingParams, out) - 16usize];
+    [
+        "Offset of field: EmbeddingParams::tokens",
+    ][::std::mem::offset_of!(EmbeddingParams, tokens) - 24usize];
+    [
+        "Offset of field: EmbeddingParams::dim",
+    ][::std::mem::offset_of!(EmbeddingParams, dim) - 32usize];
+};

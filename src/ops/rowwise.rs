@@ -1,9 +1,12 @@
 //! Launch helpers shared by the Llama layer kernels (`kernels/rowwise.cuh` and the kernels that
-//! include it: `norm.cu`, `activation.cu`, `rope.cu`, `loss.cu`, `attention.cu`); each op's
-//! wrapper sits beside its CPU reference ([`super::norm`], [`super::activation`],
-//! [`super::rope`], [`super::loss`], [`super::attention`]).
+//! include it: `norm.cu`, `activation.cu`, `rope.cu`, `loss.cu`, `attention.cu`,
+//! `embedding.cu`); each op's wrapper sits beside its CPU reference ([`super::norm`],
+//! [`super::activation`], [`super::rope`], [`super::loss`], [`super::attention`],
+//! [`super::embedding`]).
 
-use crate::device::params::{AttentionParams, CrossEntropyParams, RmsNormParams, RopeParams, SwigluParams};
+use crate::device::params::{
+    AttentionParams, CrossEntropyParams, EmbeddingParams, RmsNormParams, RopeParams, SwigluParams,
+};
 use crate::device::{blocks_for, Device, KernelParams, LaunchConfig, ParamBytes};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -19,6 +22,8 @@ unsafe impl KernelParams for RopeParams {}
 unsafe impl KernelParams for CrossEntropyParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for AttentionParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for EmbeddingParams {}
 
 /// Most blocks one launch starts; the kernels loop over the rest (grid stride).
 const MAX_BLOCKS: u32 = 1 << 16;
