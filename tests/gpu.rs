@@ -65,6 +65,14 @@ const CHECKS: &[(&str, Check)] = &[
     ("lora_split_and_unfused", lora_split_and_unfused),
     ("nf4_dequant", nf4_dequant),
     ("qlora_linear", qlora_linear),
+    ("rms_norm", common::llama_ops::rms_norm_forward_and_backward),
+    ("rms_norm_errors", common::llama_ops::rms_norm_rejects_bad_operands),
+    ("swiglu", common::llama_ops::swiglu_forward_and_backward),
+    ("rope", common::llama_ops::rope_forward_and_inverse),
+    ("cross_entropy", common::llama_ops::cross_entropy_loss_and_gradient),
+    ("attention", common::llama_ops::attention_forward_and_backward),
+    ("adamw", common::llama_ops::adamw_and_gradient_norm),
+    ("embedding", common::llama_ops::embedding_gather),
     // The simulator self-tests validate its fragment layouts and shuffle semantics against the
     // hardware (simt_selftest_diverge is left out: its deliberate bugs may hang a GPU).
     ("simt_barrier", common::selftest::barrier),

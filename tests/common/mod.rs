@@ -2,6 +2,7 @@
 //! run on every device.
 #![allow(dead_code)]
 
+pub mod llama_ops;
 pub mod lora;
 pub mod selftest;
 
