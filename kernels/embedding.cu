@@ -3,7 +3,8 @@
 //
 // Grid-stride over (token, 16-byte pack of the row) when dim and both pointers allow packs,
 // else over single elements: consecutive threads copy consecutive parts of a row, so reads and
-// writes are coalesced. Bytes: dim·s read and written per token (plus 4 for the id); no FLOPs.
+// writes are coalesced. Bytes: dim·s read and written per token, plus the 4-byte id, which each
+// thread of the row loads (cached after the first); no FLOPs. tests/llama_ops_sim.rs checks them.
 #include "rowwise.cuh"
 
 namespace lf {

@@ -5,7 +5,8 @@
 // maximum and a sum of exponentials rescaled to it (online softmax) over its 16-byte packs; two
 // block reductions combine them into logsumexp. Pass 2 re-reads the row (from L2: a 32k-vocab
 // f32 row is 128 KiB) and writes (softmax − onehot)·inv_count. Per logit of s bytes: reads 2·s,
-// writes s; two exps. Rows that do not count write a zero gradient and a zero loss.
+// writes s; two exps. Rows that do not count write a zero gradient and a zero loss. (Checked
+// by tests/llama_ops_sim.rs, with the target id every thread loads.)
 #include "rowwise.cuh"
 
 namespace lf {

@@ -5,9 +5,10 @@
 // and pointers allow (k a multiple of 4 f32 / 8 bf16), scalar otherwise; consecutive threads take
 // consecutive packs, so every warp load is coalesced. The row is read twice (sum of squares,
 // then scale), the second time from L1/L2 (a 4096-wide bf16 row is 8 KiB). Per row of k
-// elements of s bytes: forward reads 2·k·s (+ w, shared by all rows, cached) and writes k·s + 4;
-// backward reads 2·(x, dy) = 4·k·s and writes k·s. ~4 FLOP per element forward, ~8 backward:
-// memory-bound.
+// elements of s bytes: forward reads x twice and w (3·k·s requested; the second pass and w,
+// shared by all rows, hit the cache, so k·s from DRAM) and writes k·s + 4; backward reads x, dy
+// and w twice each (6·k·s requested, 2·k·s from DRAM) and writes k·s. ~4 FLOP per element
+// forward, ~8 backward: memory-bound. tests/llama_ops_sim.rs checks the requested bytes.
 #include "rowwise.cuh"
 
 namespace lf {
