@@ -6,11 +6,14 @@
 // warp walks the other side in chunks of 32: lane l computes the full dot products of row
 // j0 + l (its own row read as 16-byte packs when d allows), the warp combines the 32 scores
 // with shuffles, then every lane accumulates its d/32 output dimensions over the chunk
-// (coalesced across lanes). FLOPs: forward 4·d per (query, visible key) pair; backward dQ
-// 6·d (two passes: rowsum(P∘dP), then dQ), dK/dV 6·d. Bytes: each row reads the visible rows of
-// the other side once per pass, from L2 after the first warp of the head (K and V of one head
-// are T·d·s bytes). Tensor-core tiles (FlashAttention-2 style) are the next step; at Llama
-// shapes attention is ~2% of a layer's FLOPs at T = 512, so these cost well under the GEMMs.
+// (coalesced across lanes). FLOPs per (query, visible key) pair: forward 4·d (q·k, p·v);
+// backward dQ 10·d (a first pass for rowsum(P∘dP): q·k, dO·v; then both again and ds·k), dK/dV
+// 8·d (k·q, v·dO, p·dO, ds·q). Bytes: each row reads the visible rows of the other side once per
+// pass, from L2 after the first warp of the head (K and V of one head are T·d·s bytes).
+// At Llama-7B sizes causal attention is ~1% of a layer's FLOPs at T = 512 (4·4096·256 per token
+// against 2·202M); CUDA cores run ~1/16 of the H100's bf16 tensor-core rate, so these kernels
+// would add roughly 15% to such a step, more at longer T. Tensor-core tiles (FlashAttention-2
+// style) are the next step.
 #include "rowwise.cuh"
 
 namespace lf {
