@@ -284,3 +284,12 @@ typedef struct EmbeddingParams {
     long long tokens;
     int dim;
 } EmbeddingParams;
+
+/// Pointwise tensor arithmetic (kernels/pointwise.cu; src/ops/pointwise.rs), n elements:
+/// add_*: `out = a + b` (T by suffix, rounded once); cast_f32_bf16: `out = bf16(a)` (b unused).
+typedef struct PointwiseParams {
+    const void* a;
+    const void* b;
+    void* out;
+    long long n;
+} PointwiseParams;

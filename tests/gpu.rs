@@ -73,6 +73,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("attention", common::llama_ops::attention_forward_and_backward),
     ("adamw", common::llama_ops::adamw_and_gradient_norm),
     ("embedding", common::llama_ops::embedding_gather),
+    ("residual_add_and_cast", common::llama_ops::residual_add_and_cast),
     // The simulator self-tests validate its fragment layouts and shuffle semantics against the
     // hardware (simt_selftest_diverge is left out: its deliberate bugs may hang a GPU).
     ("simt_barrier", common::selftest::barrier),

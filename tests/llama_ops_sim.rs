@@ -65,6 +65,11 @@ fn embedding_gather() {
     under_every_schedule(llama_ops::embedding_gather);
 }
 
+#[test]
+fn residual_add_and_cast() {
+    under_every_schedule(llama_ops::residual_add_and_cast);
+}
+
 /// The global traffic the kernel headers state, counted by the simulator, exactly: the row
 /// kernels read a row twice (the second time from cache on a GPU), everything else once.
 #[test]

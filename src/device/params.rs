@@ -820,3 +820,30 @@ const _: () = {
         "Offset of field: EmbeddingParams::dim",
     ][::std::mem::offset_of!(EmbeddingParams, dim) - 32usize];
 };
+/** Pointwise tensor arithmetic (kernels/pointwise.cu; src/ops/pointwise.rs), n elements:
+ add_*: `out = a + b` (T by suffix, rounded once); cast_f32_bf16: `out = bf16(a)` (b unused).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct PointwiseParams {
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PointwiseParams"][::std::mem::size_of::<PointwiseParams>() - 32usize];
+    ["Alignment of PointwiseParams"][::std::mem::align_of::<PointwiseParams>() - 8usize];
+    [
+        "Offset of field: PointwiseParams::a",
+    ][::std::mem::offset_of!(PointwiseParams, a) - 0usize];
+    [
+        "Offset of field: PointwiseParams::b",
+    ][::std::mem::offset_of!(PointwiseParams, b) - 8usize];
+    [
+        "Offset of field: PointwiseParams::out",
+    ][::std::mem::offset_of!(PointwiseParams, out) - 16usize];
+    [
+        "Offset of field: PointwiseParams::n",
+    ][::std::mem::offset_of!(PointwiseParams, n) - 24usize];
+};

@@ -3,7 +3,9 @@
 //! Device ops (launch code for `kernels/*.cu`, each beside its CPU reference): [`gemm`],
 //! [`lora_kernels`] (split forward, backward), [`lora_fused`] (single-pass forward),
 //! [`lora_unfused`] (the PEFT-style baseline), [`lora_stack`] (several targets sharing x), [`qlora`] (NF4 base weight); [`lora_linear`] is
-//! the public LoRA API over every backend, [`report`] the simulator's traffic table.
+//! the public LoRA API over every backend, [`report`] the simulator's traffic table. The Llama
+//! layer ops have `*_device` wrappers beside their CPU versions below (shared launch helpers in
+//! [`rowwise`]), and [`pointwise`] holds the residual add and the f32 → bf16 cast.
 //!
 //! CPU (f32, rayon) ops of the Llama decoder, each a forward and a manual backward that the
 //! autograd tape records: [`lora`] (the LoRA linear, dropout from [`philox`]), [`norm`]
@@ -26,6 +28,7 @@ pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod philox;
+pub mod pointwise;
 pub mod qlora;
 pub mod report;
 pub mod rope;

@@ -358,3 +358,31 @@ pub fn embedding_gather(dev: &Arc<dyn Device>) {
     let err = embedding_device(&dev, &table, &[1, 4]).unwrap_err().to_string();
     assert!(err.contains("token id 4"), "{err}");
 }
+
+/// The residual add (f32, bf16) and the f32 → bf16 cast, exact: one rounding per output, as
+/// the CPU does it.
+pub fn residual_add_and_cast(dev: &Arc<dyn Device>) {
+    use half::bf16;
+    use lorafuse::ops::pointwise::{add_device, cast_to_bf16_device};
+    let (dev, backend) = (dev.clone(), Backend::Device(dev.clone()));
+    let mut rng = TestRng::new(71);
+    // 4101: several blocks and a tail after the packs; 5: tail only.
+    for n in [5, 4101] {
+        for dtype in [DType::F32, DType::BF16] {
+            let (a, b) = (rounded(&rng.vec_f32(n), dtype), rounded(&rng.vec_f32(n), dtype));
+            let got = download(
+                &add_device(&dev, &upload(&backend, &[n], &a, dtype), &upload(&backend, &[n], &b, dtype)).unwrap(),
+            );
+            let want = rounded(&a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>(), dtype);
+            assert_eq!(got, want, "add n {n} {dtype:?}");
+        }
+        let x: Vec<f32> = rng.vec_f32(n).iter().map(|v| 100.0 * v).collect();
+        let got = cast_to_bf16_device(&dev, &upload(&backend, &[n], &x, DType::F32)).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(download(&got), want, "cast n {n}");
+    }
+    let (a, b) = (upload(&backend, &[4], &[1.0; 4], DType::F32), upload(&backend, &[4], &[1.0; 4], DType::BF16));
+    assert!(add_device(&dev, &a, &b).unwrap_err().to_string().contains("BF16"));
+    assert!(cast_to_bf16_device(&dev, &b).unwrap_err().to_string().contains("f32 expected"));
+}
