@@ -22,17 +22,6 @@ constexpr int ATT_WARPS = 4;
 constexpr int ATT_THREADS = 32 * ATT_WARPS;
 constexpr int ATT_MAX_D = 256;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(WARP_FULL_MASK, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(WARP_FULL_MASK, v, o));
-    return v;
-}
-
 // Σ_e a[e]·row[e] over d elements: `a` f32 in shared memory (read by all lanes alike), `row` in
 // global memory, N elements per load.
 template <class T, int N> __device__ __forceinline__ float dot(const float* a, const T* row, int d) {
@@ -67,9 +56,9 @@ template <class T, int N, int DPL> __device__ void attention_fwd_row(const Atten
     for (int j0 = 0; j0 < kend; j0 += 32) {
         const int j = j0 + lane, n = min(32, kend - j0);
         const float s = j < kend ? p.scale * dot<T, N>(qs, head_row<T>(p.k, b, j, p.tk, p.kv_heads, kvh, d), d) : neg_inf();
-        const float m_new = fmaxf(m, warp_max(s));
+        const float m_new = fmaxf(m, warp_reduce(s, MaxOp{}));
         const float pj = j < kend ? expf(s - m_new) : 0.0f, corr = expf(m - m_new);
-        l = l * corr + warp_sum(pj);
+        l = l * corr + warp_reduce(pj, SumOp{});
 #pragma unroll
         for (int c = 0; c < DPL; ++c) acc[c] *= corr;
         for (int jj = 0; jj < n; ++jj) {
@@ -112,7 +101,7 @@ template <class T, int N, int DPL> __device__ void attention_dq_row(const Attent
         p_dp(j0 + lane, pj, dpj);
         delta += pj * dpj;
     }
-    delta = warp_sum(delta);
+    delta = warp_reduce(delta, SumOp{});
     float acc[DPL] = {};
     for (int j0 = 0; j0 < kend; j0 += 32) {
         float pj, dpj;

@@ -79,20 +79,23 @@ struct MaxOp {
     __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
+// op over v of the 32 lanes of the warp, returned to all of them (butterfly shuffles).
+template <class Op> __device__ __forceinline__ float warp_reduce(float v, Op op) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v = op(v, __shfl_xor_sync(WARP_FULL_MASK, v, o));
+    return v;
+}
+
 // op over v of every thread of the block, returned to all of them. blockDim.x: a multiple of
 // 32, at most 1024; `scratch`: 32 floats of shared memory. Begins with a barrier, so calls may
 // follow one another on the same scratch. The order of the sum is fixed: deterministic.
 template <class Op> __device__ __forceinline__ float block_reduce(float v, float* scratch, Op op, float identity) {
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v = op(v, __shfl_xor_sync(WARP_FULL_MASK, v, o));
+    v = warp_reduce(v, op);
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float r = lane < blockDim.x / 32 ? scratch[lane] : identity;
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) r = op(r, __shfl_xor_sync(WARP_FULL_MASK, r, o));
-    return r;
+    return warp_reduce(lane < blockDim.x / 32 ? scratch[lane] : identity, op);
 }
 
 }  // namespace lf
