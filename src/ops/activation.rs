@@ -6,7 +6,7 @@
 //! f32 or bf16 tensors, f32 arithmetic; in bf16 `silu(g)` is rounded before the product, as
 //! Hugging Face's `act_fn(gate) * up` does.
 
-use super::rowwise::{kernel_for, launch};
+use super::rowwise::{check_same_shape, kernel_for, launch, packs};
 use crate::device::params::SwigluParams;
 use crate::device::{Backend, Device};
 use crate::tensor::Tensor;
@@ -71,19 +71,6 @@ pub fn swiglu_backward(dh: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>)
 /// Threads per block of the `swiglu_*` kernels.
 const SWIGLU_THREADS: u32 = 256;
 
-/// Blocks for `n` elements in 16-byte packs of `elem_bytes`-byte elements.
-fn swiglu_blocks(n: usize, elem_bytes: usize) -> usize {
-    n.div_ceil(16 / elem_bytes).div_ceil(SWIGLU_THREADS as usize)
-}
-
-fn check_same_shape(op: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
-    let shape = tensors[0].1.shape();
-    match tensors.iter().find(|(_, t)| t.shape() != shape) {
-        Some((what, t)) => Err(Error::shape(op, format!("{what} is {:?}, {} {shape:?}", t.shape(), tensors[0].0))),
-        None => Ok(()),
-    }
-}
-
 /// [`swiglu_forward`] on a device: `h = silu(g)·u` for `g`, `u` of one shape, both f32 or
 /// both bf16.
 pub fn swiglu_forward_device(dev: &Arc<dyn Device>, g: &Tensor, u: &Tensor) -> Result<Tensor> {
@@ -100,7 +87,9 @@ pub fn swiglu_forward_device(dev: &Arc<dyn Device>, g: &Tensor, u: &Tensor) -> R
         n: g.numel() as i64,
     };
     // SAFETY: g, u, h hold n elements of the kernel's dtype.
-    unsafe { launch(dev, &kernel, swiglu_blocks(g.numel(), g.dtype().size()), SWIGLU_THREADS, &p)? };
+    unsafe {
+        launch(dev, &kernel, packs(g.numel(), g.dtype().size()).div_ceil(SWIGLU_THREADS as usize), SWIGLU_THREADS, &p)?
+    };
     Ok(h)
 }
 
@@ -121,6 +110,8 @@ pub fn swiglu_backward_device(dev: &Arc<dyn Device>, dh: &Tensor, g: &Tensor, u:
         n: g.numel() as i64,
     };
     // SAFETY: every pointer holds n elements of the kernel's dtype.
-    unsafe { launch(dev, &kernel, swiglu_blocks(g.numel(), g.dtype().size()), SWIGLU_THREADS, &p)? };
+    unsafe {
+        launch(dev, &kernel, packs(g.numel(), g.dtype().size()).div_ceil(SWIGLU_THREADS as usize), SWIGLU_THREADS, &p)?
+    };
     Ok((dg, du))
 }

@@ -2,7 +2,7 @@
 //!
 //! On a device: [`embedding_device`] (`kernels/embedding.cu`), f32 or bf16 tables.
 
-use super::rowwise::{kernel_for, launch};
+use super::rowwise::{kernel_for, launch, packs};
 use crate::device::params::EmbeddingParams;
 use crate::device::{Backend, Device, DeviceBuffer};
 use crate::tensor::Tensor;
@@ -55,7 +55,7 @@ pub fn embedding_device(dev: &Arc<dyn Device>, table: &Tensor, ids: &[u32]) -> R
         tokens: ids.len() as i64,
         dim: dim as i32,
     };
-    let units = ids.len() * dim.div_ceil(16 / table.dtype().size());
+    let units = ids.len() * packs(dim, table.dtype().size());
     // SAFETY: table holds vocab·dim elements and every id is < vocab; out holds tokens·dim.
     unsafe { launch(dev, &kernel, units.div_ceil(EMBEDDING_THREADS as usize), EMBEDDING_THREADS, &p) }?;
     Ok(out)

@@ -11,7 +11,7 @@
 //! On a device: [`apply_device`] (`kernels/rope.cu`) with the table uploaded once
 //! ([`RopeTable::to_device`]), in place on f32 or bf16 tensors.
 
-use super::rowwise::{kernel_for, launch};
+use super::rowwise::{kernel_for, launch, packs};
 use crate::device::params::RopeParams;
 use crate::device::{Backend, Device};
 use crate::tensor::{HostData, Tensor};
@@ -135,7 +135,7 @@ pub fn apply_device(
         sign: if inverse { -1.0 } else { 1.0 },
     };
     // One thread per (row, head, 16-byte pack of the first half).
-    let units = rows * heads * t.half.div_ceil(16 / x.dtype().size());
+    let units = rows * heads * packs(t.half, x.dtype().size());
     // SAFETY: x holds rows·heads·2·half elements; the tables max_pos·half f32, and every row's
     // position was checked to be below max_pos.
     unsafe { launch(dev, &kernel, units.div_ceil(ROPE_THREADS as usize), ROPE_THREADS, &p) }
